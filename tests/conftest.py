@@ -1,0 +1,137 @@
+"""Fixtures that start the real components on free loopback ports.
+
+Nothing here is faked: ``stack`` runs ``fabloop up`` (broker, Prefect server and
+worker, MLflow server) in a temporary FABLOOP_HOME; ``broker`` is a private Tansu
+broker per test, so tests that consume from the beginning of a topic see only
+their own messages; ``database_url`` is SQLite or a throwaway PostgreSQL cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# Keep the test process's own Prefect state out of the user's ~/.prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="fabloop-test-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import pytest  # noqa: E402
+
+from fabloop.schemas import TOPICS  # noqa: E402
+from fabloop.settings import StackEndpoints  # noqa: E402
+from infra.process import ProcessManager, free_port, wait_until  # noqa: E402
+from infra.stack import broker_command, prefect_env  # noqa: E402
+from tasks.kafka_io import broker_healthy, ensure_topics  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def fabloop(*args: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real ``fabloop`` command line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fabloop.cli", *args],
+        env={**os.environ, "COLUMNS": "200", **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fabloop {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class RunningStack:
+    ep: StackEndpoints
+    env: dict[str, str]
+    up_seconds: float
+    up_output: str
+
+    @property
+    def kafka_conf(self) -> dict[str, str]:
+        return {"bootstrap.servers": self.ep.kafka_bootstrap_servers}
+
+
+def start_stack(home: Path, partitions: int = 3) -> RunningStack:
+    env = {"FABLOOP_HOME": str(home)}
+    args = [
+        "up", "--prefect-port", str(free_port()), "--mlflow-port", str(free_port()),
+        "--kafka-port", str(free_port()), "--partitions", str(partitions),
+    ]
+    t0 = time.monotonic()
+    out = fabloop(*args, env=env, timeout=240)
+    elapsed = time.monotonic() - t0
+    ep = StackEndpoints.load(home)
+    return RunningStack(ep=ep, env={**env, **prefect_env(ep)}, up_seconds=elapsed, up_output=out.stdout)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    home = tmp_path_factory.mktemp("fabloop-home")
+    running = start_stack(home)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: running.ep.prefect_api_url}):
+        yield running
+    fabloop("down", env=running.env, check=False)
+
+
+@dataclass
+class Broker:
+    bootstrap: str
+
+    @property
+    def conf(self) -> dict[str, str]:
+        return {"bootstrap.servers": self.bootstrap}
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A private Kafka-compatible broker with the fabloop topics (3 partitions each)."""
+    port = free_port()
+    pm = ProcessManager(tmp_path / "broker")
+    pm.start("kafka", broker_command("127.0.0.1", port), env=dict(os.environ))
+    b = Broker(f"127.0.0.1:{port}")
+    wait_until(lambda: broker_healthy(b.conf), 30, what="broker")
+    ensure_topics(b.conf, 3, TOPICS)
+    yield b
+    pm.stop("kafka")
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from infra.postgres import PostgresCluster, server_bin_dir
+
+    if server_bin_dir() is None:
+        pytest.skip("PostgreSQL server binaries not installed (scripts/system-deps.sh installs them as root)")
+    cluster = PostgresCluster.start(free_port())
+    yield cluster.url
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The event store on both supported backends: same code path, same assertions."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+        return
+    base = request.getfixturevalue("postgres")
+    # A fresh database per test so that tests never see each other's events.
+    import asyncio
+
+    import asyncpg
+
+    name = f"t{os.getpid()}_{time.monotonic_ns()}"
+    port = int(base.rsplit(":", 1)[1].split("/")[0])
+
+    async def create() -> None:
+        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="fabloop", database="fabloop")
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.close()
+
+    asyncio.run(create())
+    yield base.rsplit("/", 1)[0] + f"/{name}"

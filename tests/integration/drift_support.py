@@ -1,0 +1,219 @@
+"""Shared by the drift → retrain tests: simulated phases, set-up ingest, champions, Prefect API reads.
+
+Everything runs against the session's real stack: events go through a real
+Kafka-compatible broker into the stack's event store, champions are real
+``retrain`` runs registered in its MLflow server, and the outcome is read back from
+the event store and the Prefect REST API (what the UI shows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from fabloop.db import DriftCheckRow, RetrainTriggerRow, WindowRow, make_engine, sessionmaker
+from fabloop.schemas import SensorReading, TestResult
+from fabloop.scopes import ModelCatalogValue
+from tasks.ingest import ClosedWindow, Ingestor, IngestSettings
+from tasks.kafka_io import make_producer, publish_events
+from tests.conftest import RunningStack
+
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+Event = SensorReading | TestResult
+
+
+# --------------------------------------------------------------------------- stream
+
+
+def split_at_wafer(events: Iterable[Event], first_index: int, lot_size: int, lot_prefix: str) -> tuple[list[Event], list[Event]]:
+    """Events before the first sensor reading of global wafer ``first_index``, and the rest."""
+    lot, slot = divmod(first_index, lot_size)
+    first = f"{lot_prefix}{lot + 1:04d}-{slot + 1:02d}"
+    head: list[Event] = []
+    it = iter(events)
+    for ev in it:
+        if isinstance(ev, SensorReading) and ev.wafer == first:
+            return head, [ev, *it]
+        head.append(ev)
+    raise AssertionError(f"wafer {first} is not in the stream")
+
+
+def publish(bootstrap: str, events: list[Event]) -> None:
+    stats = publish_events(make_producer({"bootstrap.servers": bootstrap}), events)
+    assert stats.failed == 0 and stats.published == len(events), stats
+
+
+def ingest_quietly(bootstrap: str, database_url: str, catalog: ModelCatalogValue, group: str, max_idle: float = 4) -> list[ClosedWindow]:
+    """Set-up ingest: the real ``Ingestor``, but its closed windows are not announced to Prefect.
+
+    They are marked announced all the same, so no later ``fabloop ingest`` announces
+    them either: set-up data must not start drift checks.
+    """
+    closed: list[ClosedWindow] = []
+
+    async def run() -> None:
+        engine = make_engine(database_url)
+        ingestor = Ingestor(
+            {"bootstrap.servers": bootstrap}, engine, catalog, group=group,
+            settings=IngestSettings(batch_size=1000, consumer_name="drift-test-setup"), announce=closed.append,
+        )
+        try:
+            await ingestor.run(threading.Event(), max_idle_s=max_idle)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    return closed
+
+
+# --------------------------------------------------------------------------- champions
+
+
+def train_champion(tracking_uri: str, model: str, retrain_policy_block: str) -> str:
+    """A real first training (``retrain`` in-process, no promotion), then ``champion`` on it."""
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+
+    summary = retrain(model=model, reasons=["test set-up: initial champion"], policy_block=retrain_policy_block, promotion="off")
+    version = str(summary["version"])
+    MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(model, "champion", version)
+    return version
+
+
+def set_model_overrides(overrides: dict[str, dict[str, Any] | None]) -> None:
+    """Merge per-model overrides into the shared ``default`` DriftPolicy block (None removes one).
+
+    Each override spells out every field (the base policy's values, then the given
+    ones): a partial override does not survive the block's round trip yet (see
+    ``test_a_partial_model_override_saved_in_the_block_keeps_the_base_policy``).
+    """
+    from blocks import DEFAULT, DriftPolicyBlock
+    from tasks.drift import DriftPolicyOverride
+
+    block = DriftPolicyBlock.load(DEFAULT)
+    merged = dict(block.policy.overrides)
+    base = block.policy.model_dump(exclude={"overrides"})
+    for model, fields in overrides.items():
+        if fields is None:
+            merged.pop(model, None)
+        else:
+            merged[model] = DriftPolicyOverride(**{**base, **fields})
+    block.policy = block.policy.model_copy(update={"overrides": merged})
+    block.save(DEFAULT, overwrite=True)
+
+
+# --------------------------------------------------------------------------- event store
+
+
+def query(database_url: str, stmt: Any) -> list[Any]:
+    async def run() -> list[Any]:
+        engine = make_engine(database_url)
+        try:
+            async with engine.connect() as conn:
+                return list((await conn.execute(stmt)).all())
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def entities(database_url: str, stmt: Any) -> list[Any]:
+    """ORM rows (detached, attributes loaded) for a ``select(Entity)``."""
+
+    async def run() -> list[Any]:
+        engine = make_engine(database_url)
+        try:
+            async with sessionmaker(engine)() as session:
+                return list((await session.scalars(stmt)).all())
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def closed_windows(database_url: str, models: list[str]) -> list[Any]:
+    return query(database_url, select(WindowRow.id, WindowRow.model, WindowRow.wafer_count, WindowRow.announced)
+                 .where(WindowRow.model.in_(models), WindowRow.status == "closed").order_by(WindowRow.id))
+
+
+def checks(database_url: str, window_ids: list[int]) -> list[DriftCheckRow]:
+    return entities(database_url, select(DriftCheckRow).where(DriftCheckRow.window_id.in_(window_ids)).order_by(DriftCheckRow.id))
+
+
+def triggers(database_url: str, models: list[str]) -> list[RetrainTriggerRow]:
+    return entities(database_url, select(RetrainTriggerRow).where(RetrainTriggerRow.model.in_(models)).order_by(RetrainTriggerRow.id))
+
+
+# --------------------------------------------------------------------------- Prefect API
+
+
+def api(stack: RunningStack, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    resp = httpx.request(method, f"{stack.ep.prefect_api_url}{path}", json=body, timeout=20)
+    resp.raise_for_status()
+    return resp.json() if resp.content else None
+
+
+def flow_run(stack: RunningStack, flow_run_id: str) -> dict[str, Any]:
+    return api(stack, "GET", f"/flow_runs/{flow_run_id}")
+
+
+def deployment_id(stack: RunningStack, flow: str, name: str) -> str:
+    return api(stack, "GET", f"/deployments/name/{flow}/{name}")["id"]
+
+
+def runs_of_flow(stack: RunningStack, flow_name: str, since: datetime) -> list[dict[str, Any]]:
+    """Every run of flow ``flow_name`` created since ``since`` (deployment runs and in-process ones)."""
+    body = {"flows": {"name": {"any_": [flow_name]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200}
+    runs = api(stack, "POST", "/flow_runs/filter", body)
+    return [r for r in runs if datetime.fromisoformat(r["created"]) >= since]
+
+
+def parent_flow_run_id(stack: RunningStack, run: dict[str, Any]) -> str | None:
+    """The flow run that started ``run`` as a subflow (through its parent task run)."""
+    if not run.get("parent_task_run_id"):
+        return None
+    return api(stack, "GET", f"/task_runs/{run['parent_task_run_id']}")["flow_run_id"]
+
+
+def artifacts_of(stack: RunningStack, flow_run_id: str) -> list[dict[str, Any]]:
+    return api(stack, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+
+
+def wait_final(stack: RunningStack, flow_run_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = flow_run(stack, flow_run_id)
+        if run["state_type"] in FINAL:
+            return run
+        if time.monotonic() > deadline:
+            raise AssertionError(f"flow run {run['name']} ({flow_run_id}) still {run['state_name']} after {timeout:.0f}s")
+        time.sleep(2)
+
+
+def cancel_unfinished(stack: RunningStack, flow_names: list[str], models: list[str], since: datetime) -> list[str]:
+    """Cancel runs these tests caused that may still be going (a retraining, a paused promotion)."""
+    cancelled = []
+    for name in flow_names:
+        for run in runs_of_flow(stack, name, since):
+            if run["parameters"].get("model") in models and run["state_type"] not in FINAL:
+                # Prefect 3.8: no worker acts on a CANCELLING run it has not picked up
+                # (scheduled, awaiting a concurrency slot): that one must be CANCELLED.
+                to = ("CANCELLING", "Cancelling") if run["start_time"] else ("CANCELLED", "Cancelled")
+                api(stack, "POST", f"/flow_runs/{run['id']}/set_state",
+                    {"state": {"type": to[0], "name": to[1], "message": "test teardown"}, "force": True})
+                cancelled.append(run["id"])
+    return cancelled
+
+
+def disable_automation(stack: RunningStack, name: str) -> None:
+    for automation in api(stack, "POST", "/automations/filter", {"limit": 200}):
+        if automation["name"] == name and automation["enabled"]:
+            api(stack, "PATCH", f"/automations/{automation['id']}", {"enabled": False})

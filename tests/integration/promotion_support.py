@@ -1,0 +1,271 @@
+"""Shared by the promotion tests: tiny real models, paused ``promote`` runs, queries.
+
+Everything talks to the session's real stack: models are logged to and registered
+in its MLflow server, ``promote`` runs as a real flow run in a separate process and
+pauses on the real Prefect server; outcomes are read back from the registry, the
+approvals table and the Prefect events API.
+
+Import the ``launcher`` fixture into a test module to use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, RunningStack
+
+METRICS = {
+    "champion": {"roc_auc": 0.8123, "pr_auc": 0.4410, "recall_at_op": 0.7000},
+    "challenger": {"roc_auc": 0.8617, "pr_auc": 0.5032, "recall_at_op": 0.7500},
+}
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def unique_model(prefix: str) -> str:
+    return f"test-{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def log_tiny_models(tracking_uri: str, count: int) -> list[str]:
+    """Log ``count`` small fitted LogisticRegression models; returns their model URIs."""
+    import mlflow
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("fabloop-test-promotion")
+    rng = np.random.default_rng(11)
+    uris = []
+    for i in range(count):
+        x = rng.normal(size=(200, 4))
+        y = (x[:, 0] + 0.5 * i * x[:, 1] + rng.normal(size=200) > 0).astype(int)
+        with mlflow.start_run(run_name=f"tiny-{i}"):
+            mlflow.log_metric("roc_auc", 0.8 + i / 100)
+            info = mlflow.sklearn.log_model(
+                LogisticRegression().fit(x, y), name="model", pip_requirements=["scikit-learn"]
+            )
+        uris.append(info.model_uri)
+    return uris
+
+
+@cache
+def tiny_model_uris(tracking_uri: str) -> list[str]:
+    """Three tiny models per stack, logged once per test session and registered by each test."""
+    return log_tiny_models(tracking_uri, 3)
+
+
+def register(tracking_uri: str, model: str, uris: list[str], aliases: dict[str, int] | None = None) -> list[str]:
+    """Register each logged model as a version of ``model``; ``aliases`` maps alias -> index of a version."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.create_registered_model(model)
+    versions = []
+    for uri in uris:
+        logged = client.get_logged_model(uri.removeprefix("models:/"))
+        mv = client.create_model_version(
+            model, logged.artifact_location, run_id=logged.source_run_id, model_id=logged.model_id
+        )
+        versions.append(str(mv.version))
+    for alias_name, index in (aliases or {}).items():
+        client.set_registered_model_alias(model, alias_name, versions[index])
+    return versions
+
+
+def save_policy(name: str, approvers: list[str], timeout_seconds: int = 600, poll_seconds: int = 1) -> str:
+    from blocks import ApprovalPolicy
+
+    ApprovalPolicy(approvers=approvers, timeout_seconds=timeout_seconds, poll_seconds=poll_seconds).save(
+        name, overwrite=True
+    )
+    return name
+
+
+# One long-lived process runs every test's ``promote`` flow, each in its own thread (a
+# retraining run calls it in-process the same way): the seconds spent importing
+# Prefect, MLflow and scikit-learn are paid once per session, not once per promotion.
+_LAUNCHER = """
+import json, sys, threading, traceback
+from flows.promote import promote
+
+def run(args):
+    try:
+        promote(**args)
+    except BaseException:
+        traceback.print_exc()
+
+for line in sys.stdin:
+    threading.Thread(target=run, args=(json.loads(line),), daemon=True).start()
+"""
+
+
+class PromotionLauncher:
+    """A subprocess that starts ``promote`` flow runs on request."""
+
+    def __init__(self, stack: RunningStack, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-c", _LAUNCHER], cwd=REPO, env={**os.environ, **stack.env},
+            stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, text=True,
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text()[-6000:] if self.log_path.exists() else ""
+
+    def start(self, model: str, version: str, policy: str, **params: Any) -> PromotionRun:
+        """Start ``promote`` for ``model`` version ``version`` (does not wait for the pause)."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"promotion launcher exited ({self.proc.returncode}):\n{self.output()}")
+        args = {
+            "model": model, "challenger_version": version, "policy_block": policy,
+            "reasons": ["feature drift on 12 of 40 sensors (share 0.30 > 0.25)"],
+            "metrics": METRICS,
+            "links": {"drift_report": "http://127.0.0.1:1/reports/drift-42.html"},
+            "trigger": {"window_ids": [41, 42], "drift_check_id": 42},
+            **params,
+        }
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(args) + "\n")
+        self.proc.stdin.flush()
+        return PromotionRun(model=model, version=version, launcher=self)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+@dataclass
+class PromotionRun:
+    """One ``promote`` flow run started by the launcher."""
+
+    model: str
+    version: str
+    launcher: PromotionLauncher
+    flow_run_id: str = ""
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def output(self) -> str:
+        return self.launcher.output()
+
+
+_LAUNCHERS: dict[Path, PromotionLauncher] = {}
+
+
+@pytest.fixture
+def launcher(stack: RunningStack, request: pytest.FixtureRequest) -> PromotionLauncher:
+    """The session's launcher, shared by every module that imports this fixture."""
+    running = _LAUNCHERS.get(stack.ep.home)
+    if running is None or running.proc.poll() is not None:
+        running = PromotionLauncher(stack, stack.ep.home / "promotion-launcher.log")
+        _LAUNCHERS[stack.ep.home] = running
+        request.config.add_cleanup(running.close)
+    return running
+
+
+def _runs(api: str, model: str) -> list[dict[str, Any]]:
+    body = {"flow_runs": {"tags": {"all_": ["fabloop.promotion", f"model:{model}"]}}, "sort": "START_TIME_DESC"}
+    resp = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def wait_paused(stack: RunningStack, run: PromotionRun, timeout: float = 90, after_state: str | None = None) -> dict[str, Any]:
+    """Block until ``run`` is paused (in a new pause if ``after_state`` names the previous one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for fr in _runs(stack.ep.prefect_api_url, run.model):
+            if str(fr["parameters"].get("challenger_version")) != run.version:
+                continue
+            run.flow_run_id = fr["id"]
+            state = fr["state"] or {}
+            if state.get("type") == "PAUSED" and state.get("id") != after_state:
+                return fr
+            if state.get("type") in FINAL:
+                raise AssertionError(f"promote ended before pausing: {state}\n{run.output()}")
+        if run.launcher.proc.poll() is not None:
+            raise AssertionError(f"promotion launcher exited before the run paused:\n{run.output()}")
+        time.sleep(0.3)
+    raise AssertionError(f"promote did not pause within {timeout}s:\n{run.output()}")
+
+
+def flow_run(stack: RunningStack, flow_run_id: str) -> dict[str, Any]:
+    resp = httpx.get(f"{stack.ep.prefect_api_url}/flow_runs/{flow_run_id}", timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def wait_final(stack: RunningStack, run: PromotionRun, timeout: float = 60) -> dict[str, Any]:
+    """The run's final state (Completed, named after the outcome)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = flow_run(stack, run.flow_run_id)["state"]
+        if state["type"] in FINAL:
+            assert state["type"] == "COMPLETED", f"{state}\n{run.output()}"
+            return state
+        time.sleep(0.3)
+    raise AssertionError(f"promote did not finish within {timeout}s:\n{run.output()}")
+
+
+def resume(stack: RunningStack, flow_run_id: str, run_input: dict[str, Any]) -> dict[str, Any]:
+    """What the Prefect UI's Resume form posts."""
+    resp = httpx.post(
+        f"{stack.ep.prefect_api_url}/flow_runs/{flow_run_id}/resume", json={"run_input": run_input}, timeout=10
+    )
+    resp.raise_for_status()
+    return resp.json()
+
+
+def events(
+    stack: RunningStack, name: str, model: str, since: datetime, expect: int = 1, timeout: float = 20
+) -> list[dict[str, Any]]:
+    """Prefect events ``name`` about ``fabloop.model.<model>`` since ``since`` (waits for ``expect``)."""
+    body = {
+        "filter": {
+            "occurred": {"since": since.isoformat()},
+            "event": {"name": [name]},
+            "resource": {"id": [f"fabloop.model.{model}"]},
+        },
+        "limit": 50,
+    }
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = httpx.post(f"{stack.ep.prefect_api_url}/events/filter", json=body, timeout=10)
+        resp.raise_for_status()
+        found = resp.json()["events"]
+        if len(found) >= expect or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def approvals(stack: RunningStack, model: str) -> list[Any]:
+    from tasks.approvals import decisions
+
+    return decisions(stack.ep.database_url, model)
+
+
+def version_tags(stack: RunningStack, model: str, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    uri = stack.ep.mlflow_tracking_uri
+    return dict(MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(model, version).tags)
+
+
+def alias(stack: RunningStack, model: str, name: str) -> str | None:
+    from tasks.registry import alias_version, client
+
+    return alias_version(client(stack.ep.mlflow_tracking_uri), model, name)

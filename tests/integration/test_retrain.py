@@ -1,0 +1,259 @@
+"""The retrain flow end to end: simulated events → event store → Optuna/LightGBM → MLflow.
+
+The fab is simulated once per module (one tool per scenario), published to a
+private broker and ingested by the real ``fabloop ingest`` into the stack's event
+store. ``retrain`` then runs in this process as a real Prefect flow run against the
+stack's Prefect server, logs to and registers in the stack's MLflow server and keeps
+its Optuna study in the store's database. Everything is read back from those
+servers: the registry, the runs, the artifacts, the Prefect event feed, the study.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+
+from blocks import ModelCatalog
+from fabloop.db import make_engine
+from flows.retrain import CHALLENGER_REJECTED, RETRAIN_REJECTED, optuna_storage_url, retrain
+from tasks import store
+from tasks.training import DataGateError, RetrainPolicy, data_hash, gate_training_set
+from tests.conftest import RunningStack
+from tests.integration.promotion_support import events
+from tests.integration.retrain_support import (
+    MISSING_SENSOR,
+    Fab,
+    build_fab,
+    mlflow_client,
+    save_retrain_policy,
+    start_broker,
+    versions,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REASONS = ["feature drift on 9 of 30 sensors (share 0.30 > 0.25)", "fail rate 0.09 > champion 0.06 + 0.02"]
+N_TRIALS = 8
+
+
+@pytest.fixture(scope="module")
+def fab(stack: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> Fab:
+    running = start_broker(tmp_path_factory.mktemp("retrain-broker"))
+    try:
+        return build_fab(stack, running.broker)
+    finally:
+        running.stop()
+
+
+@dataclass
+class Trained:
+    model: str
+    summary: dict[str, Any]
+    window_ids: list[int]
+    windows: list[tuple[int, dict[str, Any]]]
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def trained(stack: RunningStack, fab: Fab) -> Trained:
+    """One retrain of the GOOD tool's model, as a drift check of its last two windows would start it."""
+    model = fab.models["GOOD"]
+    windows = fab.windows(stack, "GOOD")
+    assert len(windows) == 5, windows  # 2000 wafers in windows of 400
+    window_ids = [w for w, _ in windows[-2:]]
+    t0 = time.monotonic()
+    summary = retrain(model=model, reasons=REASONS, window_ids=window_ids, policy_block=save_retrain_policy(n_trials=N_TRIALS),
+                      catalog_block=fab.catalog, promotion="off")
+    return Trained(model, summary, window_ids, windows, time.monotonic() - t0)
+
+
+def _training_set(stack: RunningStack, fab: Fab, key: str) -> pd.DataFrame:
+    """The scenario's labelled wafers, read from the store independently of the flow."""
+    spec = ModelCatalog.load(fab.catalog).value().models[0]
+
+    async def run() -> pd.DataFrame:
+        engine = make_engine(stack.ep.database_url)
+        try:
+            return await store.training_frame(engine, spec, {"tool": f"{fab.prefix}-{key}"})
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def test_retrain_registers_a_challenger_with_its_lineage(stack: RunningStack, fab: Fab, trained: Trained) -> None:
+    client, model, summary = mlflow_client(stack), trained.model, trained.summary
+    print(f"retrain of {model}: {trained.seconds:.1f} s")
+    [mv] = versions(stack, model)
+    assert mv.version == summary["version"] == "1"
+    assert client.get_model_version_by_alias(model, "challenger").version == mv.version
+    assert mv.run_id == summary["run_id"]
+
+    # The lineage, on the version and on its training run: trigger, windows, offsets, data.
+    frame = _training_set(stack, fab, "GOOD")
+    assert len(frame) == summary["rows"] == 2000
+    gate = gate_training_set(frame, store.LABEL, store.sensor_columns(frame), RetrainPolicy())
+    digest = data_hash(frame[["event_id", "ts", *gate.features, store.LABEL]])
+    run_tags = client.get_run(mv.run_id).data.tags
+    for tags in (mv.tags, run_tags):
+        assert tags["fabloop.model"] == model
+        assert tags["fabloop.trigger_reasons"] == "; ".join(REASONS)
+        assert tags["fabloop.window_ids"] == ",".join(map(str, trained.window_ids))
+        assert tags["fabloop.data_hash"] == digest
+        offsets = tags["fabloop.kafka_offsets"]
+        for window_id, ranges in trained.windows[-2:]:
+            assert f"w{window_id}[" in offsets
+            assert ranges, f"window {window_id} recorded no offsets"
+            for tp, (lo, hi) in ranges.items():
+                assert tp.startswith("fab.sensor.readings:") and lo <= hi
+                assert f"{tp}:{lo}-{hi}" in offsets
+        for window_id, _ in trained.windows[:-2]:  # only the triggering windows
+            assert f"w{window_id}[" not in offsets
+    # No champion yet: the gate judges the floor only.
+    assert mv.tags["fabloop.validation"] == "passed"
+    assert "no champion" in mv.tags["fabloop.validation_reasons"]
+    assert summary["champion"] is None and summary["gate"]["passed"]
+
+
+def test_holdout_metrics_model_dataset_and_plots_are_logged(stack: RunningStack, fab: Fab, trained: Trained) -> None:
+    client, model, summary = mlflow_client(stack), trained.model, trained.summary
+    run = client.get_run(summary["run_id"])
+    metrics = run.data.metrics
+    # The simulator's signal is learnable: judged on the most recent wafers only.
+    assert summary["challenger"]["roc_auc"] > 0.8, summary["challenger"]
+    assert metrics["holdout_roc_auc"] == pytest.approx(summary["challenger"]["roc_auc"])
+    for key in ("holdout_pr_auc", "holdout_recall_at_op", "holdout_precision_at_op", "cv_roc_auc_lgbm", "cv_roc_auc_baseline"):
+        assert key in metrics
+    assert metrics["holdout_recall_at_op"] >= 0.8  # the policy's operating point: catch 80% of fails
+    params = run.data.params
+    assert int(params["rows"]) == 2000 and int(params["n_trials"]) == N_TRIALS
+    n_train, n_hold = int(params["split_train"]), int(params["split_holdout"])
+    assert n_train + int(params["split_validation"]) + n_hold == 2000
+    assert summary["challenger"]["n_rows"] == n_hold
+
+    # The model: signature and input example, loadable from the registry and able to score.
+    uri = f"models:/{model}/{summary['version']}"
+    info = mlflow.models.get_model_info(uri)
+    features = info.signature.inputs.input_names()
+    assert len(features) >= 25 and all(f not in store.META for f in features)
+    assert info.signature.outputs is not None
+    assert info.saved_input_example_info is not None
+    loaded = mlflow.pyfunc.load_model(uri)
+    example = loaded.input_example
+    assert list(example.columns) == features and len(example) == 5
+    assert len(loaded.predict(example)) == 5
+
+    # The training set as an MLflow dataset input.
+    [ds_input] = run.inputs.dataset_inputs
+    assert ds_input.dataset.name == f"{model}-train"
+    assert ds_input.dataset.digest == run.data.tags["fabloop.data_hash"][:36]
+    assert {t.key: t.value for t in ds_input.tags}.get("mlflow.data.context") == "training"
+    assert f'"num_rows": {n_train}' in ds_input.dataset.profile
+
+    # The feature-importance plot and the drift reference.
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"feature_importance.png", "reference", "features.json"} <= artifacts
+    png = client.download_artifacts(run.info.run_id, "feature_importance.png")
+    with open(png, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    ref = pd.read_parquet(client.download_artifacts(run.info.run_id, "reference/sensors.parquet"))
+    assert len(ref) == n_train and set(features) <= set(ref.columns)
+
+
+def test_every_trial_is_a_nested_run_and_the_study_lives_in_the_store(stack: RunningStack, trained: Trained) -> None:
+    client, summary = mlflow_client(stack), trained.summary
+    parent = client.get_run(summary["run_id"])
+    trials = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100
+    )
+    assert sorted(r.info.run_name for r in trials) == sorted(f"trial-{i}" for i in range(N_TRIALS))
+    states = {r.data.tags["fabloop.trial_state"] for r in trials}
+    assert states <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states
+    complete = [r for r in trials if r.data.tags["fabloop.trial_state"] == "COMPLETE"]
+    for r in trials:
+        assert {"learning_rate", "num_leaves", "scale_pos_weight"} <= r.data.params.keys()
+    best_cv = max(r.data.metrics["cv_roc_auc"] for r in complete)
+    assert best_cv == pytest.approx(parent.data.metrics["cv_roc_auc_lgbm"])
+
+    # The study is in fabloop's own database (here the stack's SQLite event store) and reloads.
+    [study_name] = {r.data.tags["fabloop.study"] for r in trials}
+    assert study_name == parent.data.tags["fabloop.study"] == summary["study"]
+    study = optuna.load_study(study_name=study_name, storage=optuna_storage_url(stack.ep.database_url))
+    assert len(study.trials) == N_TRIALS
+    assert study.best_value == pytest.approx(best_cv)
+    path = stack.ep.database_url.removeprefix("sqlite+aiosqlite:///")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("select count(*) from studies where study_name = ?", (study_name,)).fetchone()[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("NAN", f"'{MISSING_SENSOR}' 95% missing"),
+        ("ONE", "class fail (1) has 0 rows < min_class_count=10 (fail=0, pass=400)"),
+        ("FEW", "too few rows: 120 < min_rows=200"),
+    ],
+    ids=["feature-95pct-missing", "one-class", "too-few-rows"],
+)
+def test_a_failed_data_gate_names_the_reason_and_registers_nothing(
+    stack: RunningStack, fab: Fab, key: str, reason: str
+) -> None:
+    model = fab.models[key]
+    since = datetime.now(UTC)
+    state = retrain(model=model, reasons=["manual"], policy_block=save_retrain_policy(), catalog_block=fab.catalog,
+                    promotion="off", return_state=True)
+    assert state.is_failed(), state
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, DataGateError) and reason in str(error), error
+    # Nothing registered, nothing even logged.
+    assert versions(stack, model) == []
+    assert mlflow_client(stack).get_experiment_by_name(f"fabloop/{model}/training") is None
+    # The refusal is announced in Prefect's event feed, with the reason.
+    [event] = events(stack, RETRAIN_REJECTED, model, since)
+    assert reason in event["payload"]["reason"]
+    assert event["payload"]["reasons"] == ["manual"]
+
+
+def test_a_challenger_worse_than_the_champion_is_rejected(stack: RunningStack, fab: Fab) -> None:
+    client, model = mlflow_client(stack), fab.models["CHAMP"]
+    champion = retrain(model=model, reasons=["first training"], policy_block=save_retrain_policy(),
+                       catalog_block=fab.catalog, promotion="off")
+    client.set_registered_model_alias(model, "champion", champion["version"])
+
+    # The same wafers, but a budget that cannot find a good model: one trial, ten shallow rounds.
+    since = datetime.now(UTC)
+    weak = save_retrain_policy(n_trials=1, max_boost_rounds=10, early_stopping_rounds=5, max_bin=7)
+    summary = retrain(model=model, reasons=["manual"], policy_block=weak, catalog_block=fab.catalog, promotion="off")
+
+    challenger, champ = summary["challenger"], summary["champion"]
+    assert summary["champion_version"] == champion["version"]
+    # Both were scored on the same most-recent wafers, and the challenger is worse.
+    assert champ["n_rows"] == challenger["n_rows"] and champ["n_fail"] == challenger["n_fail"]
+    assert champ["roc_auc"] == pytest.approx(champion["challenger"]["roc_auc"])
+    assert challenger["roc_auc"] < champ["roc_auc"] - 0.01, (challenger, champ)
+    assert not summary["gate"]["passed"]
+
+    tags = client.get_model_version(model, summary["version"]).tags
+    assert tags["fabloop.validation"] == "rejected"
+    assert "regresses vs champion" in tags["fabloop.validation_reasons"]
+    assert tags["fabloop.champion_at_validation"] == champion["version"]
+    # Production is untouched: the champion alias did not move.
+    assert client.get_model_version_by_alias(model, "champion").version == champion["version"]
+    [event] = events(stack, CHALLENGER_REJECTED, model, since)
+    assert event["payload"]["version"] == summary["version"]
+
+    # Same wafers, other search set-up (rounds, binning): a study of its own, so the weak
+    # search neither inherits the strong one's best trial nor adds to its history.
+    storage = optuna_storage_url(stack.ep.database_url)
+    assert summary["study"] != champion["study"]
+    assert len(optuna.load_study(study_name=summary["study"], storage=storage).trials) == 1
+    assert len(optuna.load_study(study_name=champion["study"], storage=storage).trials) == N_TRIALS

@@ -1,0 +1,96 @@
+"""`fabloop up / status / down` against the real components."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from fabloop.settings import StackEndpoints
+from infra.process import free_port
+from tasks.kafka_io import topic_partitions
+from tests.conftest import RunningStack, fabloop, start_stack
+
+pytestmark = pytest.mark.integration
+
+
+def test_up_brings_every_component_to_healthy(stack: RunningStack) -> None:
+    assert stack.up_seconds < 90, f"fabloop up took {stack.up_seconds:.1f}s"
+    ep = stack.ep
+    assert httpx.get(f"{ep.prefect_api_url}/health", timeout=5).json() is True
+    assert httpx.get(f"{ep.mlflow_tracking_uri}/health", timeout=5).text.strip() == "OK"
+    for topic in ("fab.sensor.readings", "fab.test.results", "fab.deadletter"):
+        assert topic_partitions(stack.kafka_conf, topic) == 3
+    # A worker is polling the project's process work pool, so deployments can run.
+    workers = httpx.post(f"{ep.prefect_api_url}/work_pools/{ep.work_pool}/workers/filter", json={}, timeout=5).json()
+    assert any(w["status"] == "ONLINE" for w in workers)
+
+
+def test_status_reports_each_component(stack: RunningStack) -> None:
+    out = fabloop("status", env=stack.env).stdout
+    for name in ("kafka", "prefect", "mlflow", "worker"):
+        line = next(line for line in out.splitlines() if f" {name} " in line)
+        assert "healthy" in line, out
+    assert stack.ep.prefect_ui_url in out and stack.ep.mlflow_tracking_uri in out
+
+
+def test_blocks_point_at_the_embedded_stack(stack: RunningStack) -> None:
+    from blocks import DEFAULT, FabloopDatabase, KafkaConnection, MLflowServer, ModelCatalog
+
+    assert KafkaConnection.load(DEFAULT).bootstrap_servers == stack.ep.kafka_bootstrap_servers
+    assert MLflowServer.load(DEFAULT).tracking_uri == stack.ep.mlflow_tracking_uri
+    assert FabloopDatabase.load(DEFAULT).sqlalchemy_url() == stack.ep.database_url
+    assert ModelCatalog.load(DEFAULT).models
+
+
+def test_up_twice_is_harmless(stack: RunningStack) -> None:
+    before = {s.split()[0]: s for s in fabloop("status", env=stack.env).stdout.splitlines() if "embedded" in s}
+    out = fabloop("up", env=stack.env, timeout=120)
+    assert "already running" in out.stdout or "healthy" in out.stdout
+    after = {s.split()[0]: s for s in fabloop("status", env=stack.env).stdout.splitlines() if "embedded" in s}
+    assert before == after  # same pids, nothing restarted
+
+
+def test_port_in_use_gives_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        out = fabloop(
+            "up", "--prefect-port", str(taken), "--mlflow-port", str(free_port()), "--kafka-port", str(free_port()),
+            env={"FABLOOP_HOME": str(tmp_path / "home")}, check=False, timeout=60,
+        )
+    assert out.returncode != 0
+    assert f"port {taken}" in out.stdout + out.stderr and "prefect" in out.stdout + out.stderr
+    assert not list((tmp_path / "home" / "run").glob("*.json"))  # nothing was started
+
+
+def test_down_leaves_no_process_behind(tmp_path: Path) -> None:
+    """A second stack side by side: up, collect every process it runs, down, none left."""
+    running = start_stack(tmp_path / "home2")
+    home = str(running.ep.home)
+    ours = [p for p in psutil.process_iter(["cmdline", "environ"]) if _belongs_to(p, home)]
+    assert len(ours) >= 4, "expected broker, Prefect server, MLflow server and worker"
+    fabloop("down", env=running.env)
+    gone, alive = psutil.wait_procs(ours, timeout=10)
+    assert not alive, f"still running after down: {[p.pid for p in alive]}"
+    time.sleep(0.5)
+    assert not [p for p in psutil.process_iter(["cmdline", "environ"]) if _belongs_to(p, home)]
+    assert fabloop("status", env=running.env, check=False).returncode == 1
+
+
+def _belongs_to(proc: psutil.Process, home: str) -> bool:
+    try:
+        cmd = " ".join(proc.info["cmdline"] or [])
+        env = proc.info["environ"] or {}
+        return home in cmd or env.get("FABLOOP_HOME") == home or home in env.get("PREFECT_HOME", "")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def test_stack_json_records_the_endpoints(stack: RunningStack) -> None:
+    assert StackEndpoints.load(stack.ep.home) == stack.ep
