@@ -29,10 +29,10 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from fabloop.db import RetrainTriggerRow, create_schema, make_engine
-from fabloop.schemas import SensorReading
+from fabloop.db import RetrainTriggerRow, SensorReadingRow, WindowWaferRow, create_schema, make_engine
+from fabloop.schemas import SensorReading, TestResult
 from fabloop.scopes import ModelCatalogValue, ModelSpec
 from tasks.simulate import DriftInjection, SimulationConfig, ToolSpec, sensor_specs, simulate
 from tasks.triggers import decide_retrain
@@ -300,16 +300,32 @@ def test_a_storm_of_50_breaching_windows_starts_one_retraining_and_records_49_su
     assert ds.parent_flow_run_id(stack, retrains[0]) == starter.flow_run_id
 
     # A performance-only breach in a window too small for a data verdict is recorded
-    # (and suppressed: the episode is still on), not a crash of the check.
+    # (and suppressed: the episode is still on), not a crash of the check. The breach
+    # is a yield excursion the sensors do not show: a re-sort fails every wafer of the
+    # last quiet window (the latest result per wafer is its label), so the observed
+    # fail rate is 1.0 whatever the champion predicts.
+    excursion_window = quiet_ids[-1]
+    wafers = ds.query(db, select(SensorReadingRow.wafer, SensorReadingRow.lot).join(
+        WindowWaferRow, WindowWaferRow.event_id == SensorReadingRow.event_id,
+    ).where(WindowWaferRow.window_id == excursion_window).distinct())
+    assert len(wafers) == STORM_WINDOW_WAFERS
+    resorted_at = datetime.now(UTC)
+    ds.publish(broker.bootstrap, [
+        TestResult(ts=resorted_at, lot=lot, wafer=wafer, program="resort", passed=False, hard_bin=5)
+        for wafer, lot in wafers
+    ])
+    ds.ingest_quietly(broker.bootstrap, db, catalog, _kafka_group())
     labelled_policy = f"perf-{tool.lower()}"
     DriftPolicyBlock(policy=DriftPolicy(
         min_window_rows=10_000, min_labelled_wafers=10, min_failing_wafers=10_000, fail_rate_tolerance=0.0,
     )).save(labelled_policy, overwrite=True)
-    outcome = drift_check(window_id=quiet_ids[-1], policy_block=labelled_policy, retrain="deployment")
+    outcome = drift_check(window_id=excursion_window, policy_block=labelled_policy, retrain="deployment")
     assert outcome["status"] == "window_too_small" and outcome["breach"] and not outcome["drifted"]
     assert outcome["trigger"]["action"] == "suppressed" and outcome["report_url"] is None
-    (perf_row,) = ds.checks(db, [quiet_ids[-1]])
-    assert perf_row.performance_breach and perf_row.detail["performance"]["breaches"] == ["fail_rate"]
+    (perf_row,) = ds.checks(db, [excursion_window])
+    performance = perf_row.detail["performance"]
+    assert perf_row.performance_breach and performance["breaches"] == ["fail_rate"]
+    assert (performance["n_labelled"], performance["n_failing"]) == (STORM_WINDOW_WAFERS, STORM_WINDOW_WAFERS)
     assert [r["id"] for r in ds.runs_of_flow(stack, "retrain", since) if r["parameters"]["model"] == model] == [started.flow_run_id]
 
 

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -110,13 +111,23 @@ def test_sigterm_finishes_the_batch_commits_and_exits_cleanly(
     stack: RunningStack, broker: Broker, database_url: str
 ) -> None:
     events = sim(f"S{uuid.uuid4().hex[:6]}", wafers=6000)
-    publish_events(make_producer(broker.conf), events)
+    head, tail = events[:1000], events[1000:]
+    producer = make_producer(broker.conf)
+    assert publish_events(producer, head).failed == 0
     proc = start_ingest(stack, broker, database_url, "--batch-size", "100", max_idle=600)
-    wait_for_rows(database_url, 1000)
+    wait_for_rows(database_url, 500)
+    # The stream is live when the stop comes: the rest is published at ~1,000 events/s,
+    # slower than ingest, so the SIGTERM always lands between messages still arriving.
+    live = threading.Thread(target=_publish_paced, args=(producer, tail, 100, 0.1), daemon=True)
+    live.start()
+    wait_for_rows(database_url, 2000)
     proc.send_signal(signal.SIGTERM)
     out = finish(proc, timeout=60)
     assert "finishing the current batch" in out
     stopped_at = len(stored_ids(database_url))
+    live.join(timeout=120)
+    assert not live.is_alive() and producer.flush(30) == 0
+    assert stopped_at < len(events), "the stop must land mid-stream"
     # Offsets were committed for what was stored: the restart consumes only the rest.
     finish(start_ingest(stack, broker, database_url, "--batch-size", "100"))
     consumed_after = query(
@@ -124,7 +135,13 @@ def test_sigterm_finishes_the_batch_commits_and_exits_cleanly(
     )[0][0]
     assert len(stored_ids(database_url)) == len(events)
     assert consumed_after == len(events), "a clean stop must not cause redelivery"
-    assert stopped_at < len(events)
+
+
+def _publish_paced(producer: Producer, events: list[Any], chunk: int, pause: float) -> None:
+    for i in range(0, len(events), chunk):
+        stats = publish_events(producer, events[i : i + chunk])
+        assert stats.failed == 0, stats
+        time.sleep(pause)
 
 
 def _bad_messages() -> list[tuple[str, bytes, str]]:
