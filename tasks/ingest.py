@@ -166,18 +166,38 @@ def _test_row(msg: Message, ev: TestResult, at: datetime) -> dict[str, Any]:
 async def _store_events(session: AsyncSession, table: type, rows: list[dict[str, Any]]) -> set[str]:
     """Insert, skipping event ids already stored; returns the ids that were new.
 
-    A Core insert on the table (not the ORM class): the rows are plain dicts, and
-    the ORM's bulk layer would only add per-row bookkeeping we never use. Rows go
-    in pages of ``INSERT_PAGE_ROWS`` so that the driver sees at most that many
-    distinct statement texts: one multi-row statement per batch size made SQLite's
-    statement cache hold ~128 statements of ~0.3 MB each (RSS crept up by ~40 MB)
-    and re-prepare a 3,500-parameter statement on most batches.
+    Core inserts on the table (not the ORM class): the rows are plain dicts, and the
+    ORM's bulk layer would only add per-row bookkeeping we never use.
+
+    SQLite: the batch transaction holds the write lock from its start (``BEGIN
+    IMMEDIATE``), so the ids found stored by one indexed SELECT are exact, and the
+    new rows go in as one plain ``executemany`` (a prepared single-row statement).
+    That is ~30 % cheaper than ``INSERT … ON CONFLICT DO NOTHING RETURNING``, whose
+    multi-row statements SQLite parses and materialises page by page. A plain
+    insert also fails loudly if that reasoning were ever wrong.
+
+    PostgreSQL: several ingestors write at once, so the database decides which rows
+    are new (``ON CONFLICT DO NOTHING RETURNING``), in pages of ``INSERT_PAGE_ROWS``
+    so that the driver sees at most that many distinct statement texts.
     """
     if not rows:
         return set()
     core = table.__table__
+    if session.bind.dialect.name == "sqlite":
+        stored = set(
+            (await session.execute(select(core.c.event_id).where(core.c.event_id.in_([r["event_id"] for r in rows]))))
+            .scalars()
+        )
+        new: list[dict[str, Any]] = []
+        for row in rows:  # a producer retry can repeat an event within one batch
+            if row["event_id"] not in stored:
+                stored.add(row["event_id"])
+                new.append(row)
+        if new:
+            await session.execute(insert(core), new)
+        return {row["event_id"] for row in new}
     stmt = (
-        _insert(session)(core)
+        postgresql.insert(core)
         .on_conflict_do_nothing(index_elements=["event_id"])
         .returning(core.c.event_id)
         .execution_options(insertmanyvalues_page_size=INSERT_PAGE_ROWS)
