@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +26,7 @@ import pytest
 from blocks import ModelCatalog
 from fabloop.db import make_engine
 from flows.retrain import CHALLENGER_REJECTED, RETRAIN_REJECTED, optuna_storage_url, retrain
-from tasks import store
+from tasks import store, tracking
 from tasks.training import DataGateError, RetrainPolicy, data_hash, gate_training_set
 from tests.conftest import RunningStack
 from tests.integration.promotion_support import events
@@ -151,6 +152,12 @@ def test_holdout_metrics_model_dataset_and_plots_are_logged(stack: RunningStack,
     example = loaded.input_example
     assert list(example.columns) == features and len(example) == 5
     assert len(loaded.predict(example)) == 5
+    # Its pip requirements pin what trained it (named, not inferred).
+    from importlib.metadata import version
+
+    requirements = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt")).read_text().split()
+    flavour = "lightgbm" if run.data.tags[tracking.MODEL_KIND_TAG] == "lightgbm" else "scikit-learn"
+    assert f"{flavour}=={version(flavour)}" in requirements and f"numpy=={version('numpy')}" in requirements
 
     # The training set as an MLflow dataset input.
     [ds_input] = run.inputs.dataset_inputs
