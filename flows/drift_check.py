@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
 import pandas as pd
@@ -123,12 +123,13 @@ async def already_checked(database_url: str, window_id: int) -> int | None:
 def drift_check(
     window_id: int,
     policy_block: str = DEFAULT,
-    retrain: str = "deployment",
+    retrain: Literal["deployment", "off"] = "deployment",
 ) -> dict[str, Any]:
     """Judge one closed window; on a breach, start (or suppress) a retraining.
 
     ``retrain``: ``deployment`` starts the ``retrain`` deployment as a child run;
-    ``off`` records the decision only (useful to dry-run a policy).
+    ``off`` judges and records the check but starts and records no retraining
+    trigger (a dry run of a policy must not hold up the real retrainings).
     """
     logger = get_run_logger()
     database_url = FabloopDatabase.load(DEFAULT).sqlalchemy_url()
@@ -190,6 +191,10 @@ def drift_check(
 
     emit_event(event=DRIFT_DETECTED, resource=model_resource(model),
                payload={"window_id": window_id, "check_id": check_id, "reason": reason, "report_url": report_url})
+    if retrain == "off":
+        outcome["trigger"] = {"action": "dry_run", "reason": "retrain='off': nothing started", "id": None}
+        logger.info("breach on %s; retraining is off for this run, nothing started", model)
+        return outcome
     kind = "first_training" if champion is None else ("drift" if drifted else "performance")
     decision = asyncio.run(
         _decide(database_url, model, reason, timedelta(minutes=policy.cooldown_minutes), window_id, check_id, kind)
