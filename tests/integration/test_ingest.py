@@ -144,6 +144,61 @@ def _publish_paced(producer: Producer, events: list[Any], chunk: int, pause: flo
         time.sleep(pause)
 
 
+def _committed_total(broker: Broker, group: str) -> int:
+    """What the group has committed, summed over every partition of both topics."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    probe = Consumer({**broker.conf, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = [TopicPartition(t, p) for t in (SENSOR_TOPIC, TEST_TOPIC) for p in range(3)]
+        return sum(tp.offset for tp in probe.committed(parts, timeout=10) if tp.offset >= 0)
+    finally:
+        probe.close()
+
+
+@pytest.mark.parametrize("durable_interval_s", [3600.0, 0.001], ids=["checkpoint-on-stop", "checkpoint-every-batch"])
+def test_on_sqlite_offsets_are_committed_only_once_a_checkpoint_made_the_batches_durable(
+    broker: Broker, tmp_path: Path, durable_interval_s: float
+) -> None:
+    """SQLite commits without an fsync; the offsets wait for the WAL checkpoint that fsyncs."""
+    from fabloop.scopes import ModelCatalogValue
+    from tasks.ingest import IngestSettings, Ingestor
+
+    events = sim(f"D{uuid.uuid4().hex[:6]}", wafers=300)
+    assert publish_events(make_producer(broker.conf), events).failed == 0
+    db, group = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}", f"durable-{uuid.uuid4().hex[:6]}"
+    stop = threading.Event()
+    consumed: list[int] = []
+    committed: list[int] = []
+
+    async def run() -> None:
+        engine = make_engine(db)
+        ingestor = Ingestor(broker.conf, engine, ModelCatalogValue(), group=group,
+                            settings=IngestSettings(batch_size=100, durable_interval_s=durable_interval_s))
+
+        def on_batch(_stats: Any) -> None:
+            consumed.append(ingestor.totals.consumed)
+            committed.append(_committed_total(broker, group))
+            if ingestor.totals.consumed >= len(events):
+                stop.set()
+
+        ingestor.on_batch = on_batch
+        try:
+            await ingestor.run(stop, max_idle_s=15)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    assert len(stored_ids(db)) == len(events) and consumed[-1] == len(events)
+    if durable_interval_s > 60:
+        # Stored batch after batch, but none durable yet: nothing committed until the stop.
+        assert len(committed) > 1 and set(committed) == {0}
+    else:
+        # A checkpoint after every batch: each batch's offsets are committed with it.
+        assert committed == consumed
+    assert _committed_total(broker, group) == len(events)
+
+
 def _bad_messages() -> list[tuple[str, bytes, str]]:
     good = json.loads(
         SensorReading(ts="2026-03-01T10:00:00Z", lot="L1", wafer="BAD-1", fab="F", tool="T", chamber="A",
