@@ -64,6 +64,7 @@ def _ev() -> SimpleNamespace:
     """The Evidently pieces the verdict is made of (imported once, on first use)."""
     import evidently
     from evidently.core.datasets import infer_column_type
+    from evidently.legacy.calculations import stattests
     from evidently.legacy.calculations.stattests.registry import (
         _registered_stat_tests,
         get_stattest,
@@ -76,6 +77,7 @@ def _ev() -> SimpleNamespace:
         infer_column_type=infer_column_type,
         registered=_registered_stat_tests,
         get_stattest=get_stattest,
+        stattests=stattests,
         ColumnType=ColumnType,
         DataDriftOptions=DataDriftOptions,
     )
@@ -348,8 +350,32 @@ def _resolve_features(reference: pd.DataFrame, current: pd.DataFrame, features: 
 
 
 def _finite(series: pd.Series) -> pd.Series:
-    """Evidently's cleaning in ``get_one_column_drift``: +-inf -> NaN, then drop NaN."""
+    """Evidently's cleaning in ``get_one_column_drift``: +-inf -> NaN, then drop NaN.
+
+    For a float sensor that is keeping the finite values, which numpy does ~10x
+    faster than ``replace`` + ``dropna`` (the same values, index and dtype).
+    """
+    if pd.api.types.is_float_dtype(series.dtype) and isinstance(series.dtype, np.dtype):
+        finite = np.isfinite(series.to_numpy())
+        return series if finite.all() else series[finite]
     return series.replace([-np.inf, np.inf], np.nan).dropna()
+
+
+def _default_numerical_stattest(ref: pd.Series, cur: pd.Series) -> Any:
+    """Evidently's default test for a numerical column (``_get_default_stattest``).
+
+    The same rule on the same counts: sample size of the reference, then the number
+    of distinct values in both. Evidently counts them with ``pd.concat(...).nunique()``
+    per column, most of a check's time at 590 sensors; ``np.unique`` on the finite
+    values counts the same.
+    """
+    st = _ev().stattests
+    n_values = len(np.unique(np.concatenate([ref.to_numpy(), cur.to_numpy()])))
+    if ref.shape[0] <= 1000:
+        if n_values <= 5:
+            return st.chi_stat_test if n_values > 2 else st.z_stat_test
+        return st.ks_stat_test
+    return st.jensenshannon_stat_test if n_values <= 5 else st.wasserstein_stat_test
 
 
 def _check_feature(
@@ -391,7 +417,11 @@ def _check_feature(
     requested = options.get_feature_stattest_func(feature, column_type.value)
     threshold = options.get_threshold(feature, column_type.value)
     try:
-        stattest = ev.get_stattest(ref, cur, column_type, requested)
+        if requested is None and column_type == ev.ColumnType.Numerical and pd.api.types.is_float_dtype(ref.dtype) \
+                and pd.api.types.is_float_dtype(cur.dtype):
+            stattest = _default_numerical_stattest(ref, cur)
+        else:
+            stattest = ev.get_stattest(ref, cur, column_type, requested)
     except ValueError as exc:  # e.g. 'chisquare' asked for a numerical sensor
         raise ValueError(f"column {feature!r}: {exc}") from exc
     outcome = stattest(ref, cur, column_type, threshold)
