@@ -57,11 +57,11 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def _requirements(*packages: str) -> list[str]:
-    """The model's pip requirements, pinned to what trained it (numpy and pandas feed it)."""
+def _requirements(flavour_defaults: list[str], *packages: str) -> list[str]:
+    """MLflow's pinned requirements for the flavour, plus what feeds the model, pinned too."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in (*packages, "numpy", "pandas")]
+    return [*flavour_defaults, *(f"{name}=={version(name)}" for name in (*packages, "numpy", "pandas"))]
 
 
 def log_model(final: FinalModel, example: pd.DataFrame) -> str:
@@ -74,14 +74,14 @@ def log_model(final: FinalModel, example: pd.DataFrame) -> str:
     # interpreter to watch its imports, ~13 s per retraining for a list known here.
     if final.kind == "lightgbm":
         info = mlflow.lightgbm.log_model(final.model, name="model", signature=signature, input_example=example,
-                                         pip_requirements=_requirements("lightgbm", "scikit-learn"))
+                                         pip_requirements=_requirements(mlflow.lightgbm.get_default_pip_requirements(), "scikit-learn"))
     else:
         # MLflow saves sklearn models with skops, which refuses to load any type not on
         # its allowlist; the baseline pipeline (imputer, scaler, logistic regression)
         # keeps a numpy dtype, so without this the baseline could never be logged.
         info = mlflow.sklearn.log_model(final.model, name="model", signature=signature, input_example=example,
                                         skops_trusted_types=BASELINE_SKOPS_TRUSTED_TYPES,
-                                        pip_requirements=_requirements("scikit-learn", "skops"))
+                                        pip_requirements=_requirements(mlflow.sklearn.get_default_pip_requirements(include_skops=True)))
     mlflow.set_tag(MODEL_KIND_TAG, final.kind)
     mlflow.log_dict({"features": final.feature_names, "best_iteration": final.best_iteration}, "features.json")
     return info.model_uri

@@ -22,11 +22,13 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import func, select
 
 from fabloop.db import DeadLetterRow, IngestBatchRow, SensorReadingRow, TestResultRow, WindowRow, WindowWaferRow, make_engine
 from fabloop.schemas import DEADLETTER_TOPIC, SENSOR_TOPIC, TEST_TOPIC, SensorReading
+from fabloop.scopes import ModelCatalogValue
+from tasks.ingest import IngestSettings, Ingestor
 from tasks.kafka_io import make_producer, publish_events, read_topic
 from tasks.simulate import SimulationConfig, ToolSpec, simulate
 from tests.conftest import REPO, Broker, RunningStack
@@ -146,8 +148,6 @@ def _publish_paced(producer: Producer, events: list[Any], chunk: int, pause: flo
 
 def _committed_total(broker: Broker, group: str) -> int:
     """What the group has committed, summed over every partition of both topics."""
-    from confluent_kafka import Consumer, TopicPartition
-
     probe = Consumer({**broker.conf, "group.id": group, "enable.auto.commit": False})
     try:
         parts = [TopicPartition(t, p) for t in (SENSOR_TOPIC, TEST_TOPIC) for p in range(3)]
@@ -161,9 +161,6 @@ def test_on_sqlite_offsets_are_committed_only_once_a_checkpoint_made_the_batches
     broker: Broker, tmp_path: Path, durable_interval_s: float
 ) -> None:
     """SQLite commits without an fsync; the offsets wait for the WAL checkpoint that fsyncs."""
-    from fabloop.scopes import ModelCatalogValue
-    from tasks.ingest import IngestSettings, Ingestor
-
     events = sim(f"D{uuid.uuid4().hex[:6]}", wafers=300)
     assert publish_events(make_producer(broker.conf), events).failed == 0
     db, group = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}", f"durable-{uuid.uuid4().hex[:6]}"

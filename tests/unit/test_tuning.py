@@ -46,7 +46,7 @@ def test_tuner_learns_the_signal(persisted):
     assert len(result.lgbm_fold_aucs) == len(result.baseline_fold_aucs) == 3
     assert result.lgbm_cv_auc == pytest.approx(np.mean(result.lgbm_fold_aucs))
     assert result.winner == ("lightgbm" if result.lgbm_cv_auc > result.baseline_cv_auc else "baseline")
-    assert 1 <= result.best_iteration <= 200
+    assert 1 <= result.best_iteration <= FAST["max_boost_rounds"]
     assert result.n_complete + result.n_pruned + result.n_failed == result.n_trials == 4
     assert {"learning_rate", "num_leaves", "scale_pos_weight"} <= result.best_params.keys()
 
