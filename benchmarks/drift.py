@@ -24,7 +24,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.drift import DriftPolicy, check_drift  # noqa: E402
+from fabloop.core.drift import DriftPolicy, check_drift  # noqa: E402
 
 
 def make_data(n_ref: int, n_cur: int, n_features: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:

@@ -1,6 +1,6 @@
 """Benchmark: fabloop's at-least-once ingestor vs a bare confluent-kafka consumer.
 
-Data: SECOM-width simulated events (``tasks.simulate``, 590 sensors per reading; one
+Data: SECOM-width simulated events (``fabloop.core.simulate``, 590 sensors per reading; one
 sensor reading and one wafer-sort result per wafer, so about half the messages are
 ~12.5 kB readings), published ONCE to a private Tansu broker this script starts on
 a free loopback port (3 partitions per topic), then consumed twice, one after the
@@ -9,7 +9,7 @@ other, each time by a fresh consumer group reading from the earliest offset:
 * baseline: a bare ``confluent_kafka.Consumer`` doing ``consume(batch_size)`` and
   ``json.loads`` of every value (same fetch sizes, prefetch queue and batch size as
   the ingestor), until all N messages are read;
-* fabloop: ``tasks.ingest.Ingestor`` with the default ``ModelCatalogValue()`` and a
+* fabloop: ``fabloop.adapters.ingestor.Ingestor`` with the default ``ModelCatalogValue()`` and a
   fresh SQLite event store file, i.e. validation of every event, one transaction
   per batch (idempotent inserts, window bookkeeping, batch record) and the offset
   commit after it, until all N events are stored.
@@ -72,10 +72,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from confluent_kafka import Consumer, KafkaError, KafkaException  # noqa: E402
 
-from fabloop.schemas import SENSOR_TOPIC, TEST_TOPIC, TOPICS  # noqa: E402
-from infra.process import ProcessManager, free_port, wait_until  # noqa: E402
-from infra.stack import broker_command  # noqa: E402
-from tasks.kafka_io import broker_healthy, ensure_topics, make_producer, publish_events  # noqa: E402
+from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, TOPICS  # noqa: E402
+from fabloop.infra.process import ProcessManager, free_port, wait_until  # noqa: E402
+from fabloop.infra.stack import broker_command  # noqa: E402
+from fabloop.adapters.kafka import broker_healthy, ensure_topics, make_producer, publish_events  # noqa: E402
 
 MB = 1024 * 1024
 # Same fetch sizing and prefetch queue as the Ingestor (IngestSettings.max_message_bytes = 1 MB).
@@ -195,9 +195,9 @@ def run_baseline(bootstrap: str, expected: int, readings: int, batch_size: int) 
 def run_fabloop(bootstrap: str, expected: int, readings: int, batch_size: int, workdir: Path) -> dict[str, Any]:
     from sqlalchemy import func, select
 
-    from fabloop.db import IngestBatchRow, SensorReadingRow, TestResultRow, WindowRow, make_engine
-    from fabloop.scopes import ModelCatalogValue
-    from tasks.ingest import BatchStats, IngestSettings, Ingestor
+    from fabloop.adapters.store.schema import IngestBatchRow, SensorReadingRow, TestResultRow, WindowRow, make_engine
+    from fabloop.core.scopes import ModelCatalogValue
+    from fabloop.adapters.ingestor import BatchStats, IngestSettings, Ingestor
 
     engine = make_engine(f"sqlite+aiosqlite:///{workdir / 'events.db'}")
     progress = Progress(expected, readings)
@@ -267,7 +267,7 @@ def child(
 
 
 def publish(conf: dict[str, str], n_events: int, n_sensors: int, seed: int) -> dict[str, Any]:
-    from tasks.simulate import SimulationConfig, simulate
+    from fabloop.core.simulate import SimulationConfig, simulate
 
     config = SimulationConfig(seed=seed, n_sensors=n_sensors, wafers=math.ceil(n_events / 2))
     kinds = {"sensor": 0, "test": 0}

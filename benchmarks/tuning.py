@@ -36,8 +36,8 @@ import optuna  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from sklearn.model_selection import cross_val_score  # noqa: E402
 
-from tasks.training import RetrainPolicy  # noqa: E402
-from tasks.tuning import time_folds, tune  # noqa: E402
+from fabloop.core.training import RetrainPolicy  # noqa: E402
+from fabloop.core.tuning import time_folds, tune  # noqa: E402
 
 
 def make_secom_like(n_rows: int, n_features: int, fail_rate: float, seed: int) -> tuple[pd.DataFrame, np.ndarray]:

@@ -63,7 +63,7 @@ class FabloopDatabase(Block):
     _block_type_slug = "fabloop-database"
     _description = "SQLAlchemy URL of the event store, e.g. postgresql+asyncpg://user:pw@host/db."
 
-    url: SecretStr = Field(default=SecretStr("sqlite+aiosqlite:///fabloop.db"))
+    url: SecretStr = Field(default=SecretStr("sqlite+aiosqlite:///fabloop.adapters.store.schema"))
 
     def sqlalchemy_url(self) -> str:
         return self.url.get_secret_value()

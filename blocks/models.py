@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from fabloop.scopes import ModelCatalogValue, ModelSpec
+from fabloop.core.scopes import ModelCatalogValue, ModelSpec
 
 
 class ModelCatalog(Block):

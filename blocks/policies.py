@@ -10,8 +10,8 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from tasks.drift import DriftPolicy
-from tasks.training import RetrainPolicy
+from fabloop.core.drift import DriftPolicy
+from fabloop.core.training import RetrainPolicy
 
 
 class DriftPolicyBlock(Block):

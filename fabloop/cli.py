@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fabloop.settings import StackEndpoints, StackSettings
+from fabloop.infra.settings import StackEndpoints, StackSettings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Event-driven retraining for fab models on Prefect.")
 console = Console()
@@ -54,8 +54,8 @@ def up(
     kafka_bootstrap_servers: Annotated[Optional[str], typer.Option(envvar="FABLOOP_KAFKA_BOOTSTRAP_SERVERS", help="Use this Kafka cluster instead of starting a broker.")] = None,
 ) -> None:
     """Start the embedded stack (broker, Prefect server + worker, MLflow) and wait until healthy."""
-    from infra.process import PortInUseError
-    from infra.stack import Stack
+    from fabloop.infra.process import PortInUseError
+    from fabloop.infra.stack import Stack
 
     settings = _settings(
         home, prefect_port=prefect_port, mlflow_port=mlflow_port, kafka_port=kafka_port, partitions=partitions,
@@ -115,8 +115,8 @@ def run_main(
 @app.command()
 def deploy(home: HomeOpt = None) -> None:
     """Register fabloop's deployments, schedules and event triggers (prefect.yaml)."""
-    from infra.deploy import DEPLOYMENTS
-    from infra.deploy import deploy as apply_prefect_yaml
+    from fabloop.infra.deploy import DEPLOYMENTS
+    from fabloop.infra.deploy import deploy as apply_prefect_yaml
 
     ep = load_endpoints(home)
     with console.status("applying prefect.yaml…"):
@@ -137,7 +137,7 @@ def status(home: HomeOpt = None) -> None:
 
 
 def _print_status(ep: StackEndpoints) -> bool:
-    from infra.stack import Stack
+    from fabloop.infra.stack import Stack
 
     table = Table(title=f"fabloop stack ({ep.home})")
     for col in ("component", "url", "mode", "pid", "health"):
@@ -162,7 +162,7 @@ def _redact(url: str) -> str:
 @app.command()
 def down(home: HomeOpt = None) -> None:
     """Stop exactly the processes `fabloop up` started."""
-    from infra.stack import Stack
+    from fabloop.infra.stack import Stack
 
     ep = load_endpoints(home)
     ended = Stack(ep).down(log=lambda m: console.print(f"  {m}"))
@@ -189,10 +189,10 @@ def simulate(
     from pydantic import ValidationError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tasks.kafka_io import make_producer, publish_events
-    from tasks.publishing import paced_by_rate, parse_drift_spec
-    from tasks.simulate import SimulationConfig
-    from tasks.simulate import simulate as simulate_events
+    from fabloop.adapters.kafka import make_producer, publish_events
+    from fabloop.core.publishing import paced_by_rate, parse_drift_spec
+    from fabloop.core.simulate import SimulationConfig
+    from fabloop.core.simulate import simulate as simulate_events
 
     ep = load_endpoints(home)
     try:
@@ -228,10 +228,10 @@ def ingest(
 ) -> None:
     """Run one ingest consumer in this terminal (as a Prefect flow run); Ctrl-C stops it cleanly."""
     ep = load_endpoints(home)
-    from infra.stack import prefect_env
+    from fabloop.infra.stack import prefect_env
 
     os.environ.update(prefect_env(ep))
-    from flows.ingest import ingest as ingest_flow
+    from fabloop.flows.ingest import ingest as ingest_flow
 
     result = ingest_flow(
         batch_size=batch_size, max_idle_seconds=max_idle, consumer_name=name,
@@ -242,8 +242,8 @@ def ingest(
 
 def kafka_conf(ep: StackEndpoints) -> dict[str, object]:
     """Client settings from the stack's KafkaConnection block (credentials included)."""
-    from blocks import DEFAULT, KafkaConnection
-    from infra.bootstrap import prefect_api
+    from fabloop.blocks import DEFAULT, KafkaConnection
+    from fabloop.infra.bootstrap import prefect_api
 
     try:
         with prefect_api(ep):

@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fabloop.settings import StackEndpoints
+from fabloop.infra.settings import StackEndpoints
 
 HomeOpt = Annotated[Optional[Path], typer.Option("--home", envvar="FABLOOP_HOME", help="State directory of the stack.")]
 
@@ -44,7 +44,7 @@ def fail(message: object) -> None:
 def _connect(home: Path | None) -> StackEndpoints:
     """Point this process's Prefect client at the stack before anything imports it."""
     from fabloop.cli import load_endpoints
-    from infra.stack import prefect_env
+    from fabloop.infra.stack import prefect_env
 
     ep = load_endpoints(home)
     os.environ.update(prefect_env(ep))
@@ -65,7 +65,7 @@ def _pending(ep: StackEndpoints, model: str | None) -> list[Any]:
     """Pending promotions from the Prefect API, or a clear error if it cannot be reached."""
     import httpx
 
-    from tasks.approvals import pending_promotions
+    from fabloop.adapters.approvals import pending_promotions
 
     try:
         return pending_promotions(model)
@@ -94,7 +94,7 @@ def approvals(
 ) -> None:
     """List promotions waiting for a decision, with their age and links."""
     ep = _connect(home)
-    from tasks.registry import version_url
+    from fabloop.adapters.registry import version_url
 
     pending = _pending(ep, model)
     if not pending:
@@ -121,7 +121,7 @@ def _decide(
     model: str, decision: Literal["approve", "reject"], approver: str, comment: str, home: Path | None, wait: float
 ) -> None:
     ep = _connect(home)
-    from tasks.approvals import ResumeRefused, decisions, resume_promotion, wait_for_outcome
+    from fabloop.adapters.approvals import ResumeRefused, decisions, resume_promotion, wait_for_outcome
 
     if not approver.strip():
         fail("--as: give your name")
@@ -196,7 +196,7 @@ def rollback(
         fail("--comment: a comment is required to roll back")
         raise typer.Exit(2)
     ep = _connect(home)
-    from tasks import registry
+    from fabloop.adapters import registry
 
     mlflow = registry.client(_tracking_uri(ep))
     champion = registry.alias_version(mlflow, model, registry.CHAMPION)
@@ -205,7 +205,7 @@ def rollback(
         missing = registry.CHAMPION if champion is None else registry.PREVIOUS
         fail(f"model {model} has no version with alias {missing!r}: nothing to roll back")
         raise typer.Exit(1)
-    from flows.promote import rollback as rollback_flow
+    from fabloop.flows.promote import rollback as rollback_flow
 
     outcome = rollback_flow(model=model, approver=approver, comment=comment, policy_block=policy)
     if outcome["decision"] == "refused":

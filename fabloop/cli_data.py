@@ -27,8 +27,8 @@ from rich.console import Console
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fabloop.schemas import SensorReading, TestResult
-    from tasks.replay import Replay, ReplayColumns
+    from fabloop.core.schemas import SensorReading, TestResult
+    from fabloop.core.replay import Replay, ReplayColumns
 
 HomeOpt = Annotated[Optional[Path], typer.Option("--home", envvar="FABLOOP_HOME", help="State directory of the stack.")]
 BootstrapOpt = Annotated[
@@ -111,7 +111,7 @@ def replay_columns(
     """The column mapping from the command's options (labels are resolved later, against the table)."""
     from pydantic import ValidationError
 
-    from tasks.replay import ReplayColumns, ReplayDefaults
+    from fabloop.core.replay import ReplayColumns, ReplayDefaults
 
     values: dict[str, Any] = {
         "timestamp": timestamp_col, "wafer": wafer_col, "label": label_col or None, "tool": tool_col,
@@ -160,7 +160,7 @@ def resolve_labels(columns: ReplayColumns, frame: pd.DataFrame, label_pass: list
     every other label value found in the table is the other side (e.g. ``--label-pass 1``
     for a bin column where every bin but 1 fails), and the values are listed.
     """
-    from tasks.replay import ReplayColumns
+    from fabloop.core.replay import ReplayColumns
 
     if columns.label is None or not (label_pass or label_fail):
         return columns, _describe_labels(columns.labels)
@@ -255,8 +255,8 @@ def replay(
     home: HomeOpt = None,
 ) -> None:
     """Stream a recorded table into Kafka as sensor and test events, in time order."""
-    from fabloop.schemas import SENSOR_TOPIC, TEST_TOPIC
-    from tasks.replay import ReplayTableError, paced, read_table, replay_events
+    from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC
+    from fabloop.core.replay import ReplayTableError, paced, read_table, replay_events
 
     try:
         columns = replay_columns(
@@ -337,7 +337,7 @@ def _publish_with_progress(
     describe: Callable[[SensorReading | TestResult], str] | None = None, label: str = "publishing",
 ) -> tuple[Any, float, datetime | None, datetime | None]:
     """Publish with a progress bar; Ctrl-C flushes what was handed over and says so."""
-    from tasks.kafka_io import make_producer, publish_events
+    from fabloop.adapters.kafka import make_producer, publish_events
 
     producer = make_producer(conf)
     seen: dict[str, Any] = {"n": 0, "first": None, "last": None}
@@ -380,8 +380,8 @@ def publish_stdf(
 
     Each file is parsed completely before any of its events is sent: a damaged file is reported with the byte offset and contributes nothing; the other files still go.
     """
-    from fabloop.schemas import TEST_TOPIC
-    from tasks.stdf import StdfError, read_stdf
+    from fabloop.core.schemas import TEST_TOPIC
+    from fabloop.core.stdf import StdfError, read_stdf
 
     conf: dict[str, Any] | None = None
     failed: list[str] = []

@@ -28,7 +28,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fabloop.settings import StackEndpoints
+from fabloop.infra.settings import StackEndpoints
 
 BOOTSTRAP_APPROVER = "fabloop-bootstrap"
 TOOLS = ("ETCH-01", "ETCH-02", "ETCH-03")
@@ -102,7 +102,7 @@ def _ensure_ingest_running() -> str:
 
 
 def _publish(ep: StackEndpoints, events: Iterator[Any]) -> int:
-    from tasks.kafka_io import make_producer, publish_events
+    from fabloop.adapters.kafka import make_producer, publish_events
 
     stats = publish_events(make_producer({"bootstrap.servers": ep.kafka_bootstrap_servers}), events)
     if stats.failed:
@@ -124,7 +124,7 @@ def _split_phase(events: Iterator[Any], first_wafer_of_phase2: str) -> tuple[lis
 
 
 def _champions(tracking_uri: str, models: list[str]) -> dict[str, str | None]:
-    from tasks import tracking
+    from fabloop.adapters import tracking
 
     client = tracking.connect(tracking_uri)
     out = {}
@@ -135,8 +135,8 @@ def _champions(tracking_uri: str, models: list[str]) -> dict[str, str | None]:
 
 
 def run_main_job(ep: StackEndpoints, cfg: MainJobConfig, console: Console) -> dict[str, Any]:
-    from infra.deploy import deploy
-    from infra.stack import Stack, prefect_env
+    from fabloop.infra.deploy import deploy
+    from fabloop.infra.stack import Stack, prefect_env
 
     tl = Timeline()
     timings = Stack(ep).up(log=lambda m: console.print(f"  {m}", highlight=False))
@@ -144,7 +144,7 @@ def run_main_job(ep: StackEndpoints, cfg: MainJobConfig, console: Console) -> di
     os.environ.update(prefect_env(ep))
     deploy(ep)
     tl.mark(console, "deployments, triggers and blocks registered (prefect.yaml)")
-    from infra.bootstrap import prefect_api
+    from fabloop.infra.bootstrap import prefect_api
 
     # Prefect read its settings when `up` imported it: point this process's client
     # at the stack explicitly rather than trusting the environment.
@@ -154,9 +154,9 @@ def run_main_job(ep: StackEndpoints, cfg: MainJobConfig, console: Console) -> di
 
 def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline) -> dict[str, Any]:
 
-    from tasks import approvals, tracking
-    from tasks.publishing import parse_drift_spec
-    from tasks.simulate import SimulationConfig, simulate
+    from fabloop.adapters import approvals, tracking
+    from fabloop.core.publishing import parse_drift_spec
+    from fabloop.core.simulate import SimulationConfig, simulate
 
     _allow_approvers(tl, console, [BOOTSTRAP_APPROVER, *([cfg.approve_as] if cfg.approve_as else [])])
     run_no = _next_run_number(ep)
@@ -226,7 +226,7 @@ def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline
 
 def _allow_approvers(tl: Timeline, console: Console, names: list[str]) -> None:
     """The main job approves as these names: they must be on the approval allowlist."""
-    from blocks import DEFAULT, ApprovalPolicy
+    from fabloop.blocks import DEFAULT, ApprovalPolicy
 
     policy = ApprovalPolicy.load(DEFAULT)
     missing = [n for n in names if not policy.allows(n)]
@@ -238,7 +238,7 @@ def _allow_approvers(tl: Timeline, console: Console, names: list[str]) -> None:
 
 def _decide(flow_run_id: str, approver: str, comment: str) -> None:
     """Resume a paused promotion with an approval, and fail loudly if it was refused."""
-    from tasks import approvals
+    from fabloop.adapters import approvals
 
     left = approvals.resume_promotion(flow_run_id, "approve", approver, comment)
     state = approvals.wait_for_outcome(flow_run_id, left, timeout=120)
@@ -252,8 +252,8 @@ def _summarise(ep: StackEndpoints, model: str, version: str, promote_run: str) -
 
     from sqlalchemy import func, select
 
-    from fabloop.db import DriftCheckRow, RetrainTriggerRow, make_engine
-    from tasks import tracking
+    from fabloop.adapters.store.schema import DriftCheckRow, RetrainTriggerRow, make_engine
+    from fabloop.adapters import tracking
 
     async def counts() -> tuple[int, int, int, str]:
         engine = make_engine(ep.database_url)

@@ -20,12 +20,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from sqlalchemy import select
 
-from blocks import DEFAULT, DriftPolicyBlock, FabloopDatabase, MLflowServer
-from fabloop.db import DriftCheckRow, FeatureDriftRow, create_schema, make_engine, sessionmaker
-from flows.ingest import model_resource
-from tasks import store, tracking
-from tasks.drift import DriftPolicy, DriftResult, PerformanceDriftResult, check_drift, drift_report_html, performance_drift
-from tasks.triggers import TriggerDecision, attach_flow_run, decide_retrain
+from fabloop.blocks import DEFAULT, DriftPolicyBlock, FabloopDatabase, MLflowServer
+from fabloop.adapters.store.schema import DriftCheckRow, FeatureDriftRow, create_schema, make_engine, sessionmaker
+from fabloop.flows.ingest import model_resource
+from fabloop.adapters import tracking
+from fabloop.adapters.store import frames as store
+from fabloop.core.drift import DriftPolicy, DriftResult, PerformanceDriftResult, check_drift, drift_report_html, performance_drift
+from fabloop.adapters.store.triggers import TriggerDecision, attach_flow_run, decide_retrain
 
 DRIFT_DETECTED = "fabloop.drift.detected"
 

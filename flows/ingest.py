@@ -19,9 +19,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from blocks import DEFAULT, FabloopDatabase, KafkaConnection, ModelCatalog
-from fabloop.db import make_engine
-from tasks.ingest import BatchStats, ClosedWindow, Ingestor, IngestSettings
+from fabloop.blocks import DEFAULT, FabloopDatabase, KafkaConnection, ModelCatalog
+from fabloop.adapters.store.schema import make_engine
+from fabloop.adapters.ingestor import BatchStats, ClosedWindow, Ingestor, IngestSettings
 
 WINDOW_CLOSED = "fabloop.window.closed"
 

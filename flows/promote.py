@@ -33,9 +33,9 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.states import Completed, State
 
-from blocks import DEFAULT, ApprovalPolicy, FabloopDatabase, MLflowServer
-from tasks import registry
-from tasks.approvals import (
+from fabloop.blocks import DEFAULT, ApprovalPolicy, FabloopDatabase, MLflowServer
+from fabloop.adapters import registry
+from fabloop.adapters.approvals import (
     PROMOTION_TAG,
     SUPERSEDED_TAG_PREFIX,
     SYSTEM_APPROVER,

@@ -22,14 +22,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from sqlalchemy import select, update
 
-from blocks import DEFAULT, FabloopDatabase, MLflowServer, ModelCatalog, RetrainPolicyBlock
-from fabloop.db import RetrainTriggerRow, WindowRow, create_schema, make_engine, utcnow
-from fabloop.scopes import ModelCatalogValue, ModelSpec
-from flows.ingest import model_resource
-from tasks import store, tracking
-from tasks.training import DataGateError, GateReport, RetrainPolicy, data_hash, gate_training_set, holdout_metrics, time_ordered_split
-from tasks.tuning import FinalModel, TrialRecord, TuneResult, time_folds, tune
-from tasks.validation import GateVerdict, judge_challenger
+from fabloop.blocks import DEFAULT, FabloopDatabase, MLflowServer, ModelCatalog, RetrainPolicyBlock
+from fabloop.adapters.store.schema import RetrainTriggerRow, WindowRow, create_schema, make_engine, utcnow
+from fabloop.core.scopes import ModelCatalogValue, ModelSpec
+from fabloop.flows.ingest import model_resource
+from fabloop.adapters import tracking
+from fabloop.adapters.store import frames as store
+from fabloop.core.training import DataGateError, GateReport, RetrainPolicy, data_hash, gate_training_set, holdout_metrics, time_ordered_split
+from fabloop.core.tuning import FinalModel, TrialRecord, TuneResult, time_folds, tune
+from fabloop.core.validation import GateVerdict, judge_challenger
 
 RETRAIN_REJECTED = "fabloop.retrain.rejected"
 CHALLENGER_REGISTERED = "fabloop.challenger.registered"

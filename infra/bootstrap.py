@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from fabloop.settings import StackEndpoints
+from fabloop.infra.settings import StackEndpoints
 
 
 @contextmanager
@@ -39,8 +39,8 @@ def register_blocks(ep: StackEndpoints) -> None:
     from prefect.blocks.core import Block
     from pydantic import SecretStr
 
-    import blocks
-    from blocks import DEFAULT, FabloopDatabase, KafkaConnection, MLflowServer
+    from fabloop import blocks
+    from fabloop.blocks import DEFAULT, FabloopDatabase, KafkaConnection, MLflowServer
 
     connections: list[Block] = [
         KafkaConnection(bootstrap_servers=ep.kafka_bootstrap_servers),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-from fabloop.settings import StackEndpoints
-from infra.stack import PROJECT_DIR, _bin, prefect_env
+from fabloop.infra.settings import StackEndpoints
+from fabloop.infra.stack import PROJECT_DIR, _bin, prefect_env
 
 DEPLOYMENTS = ("ingest", "drift-check", "retrain", "promote")
 

@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from fabloop.schemas import TOPICS
-from fabloop.settings import StackEndpoints
-from infra.process import PortInUseError, ProcessManager, clean_env, port_is_free, wait_until
-from tasks.kafka_io import broker_healthy, ensure_topics
+from fabloop.core.schemas import TOPICS
+from fabloop.infra.settings import StackEndpoints
+from fabloop.infra.process import PortInUseError, ProcessManager, clean_env, port_is_free, wait_until
+from fabloop.adapters.kafka import broker_healthy, ensure_topics
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -227,7 +227,7 @@ class Stack:
 
     def _prepare_prefect(self, log: Callable[[str], None]) -> None:
         """Work pool and the default blocks, so deployments have somewhere to run."""
-        from infra.bootstrap import register_blocks, ensure_work_pool
+        from fabloop.infra.bootstrap import register_blocks, ensure_work_pool
 
         ensure_work_pool(self.ep)
         register_blocks(self.ep)

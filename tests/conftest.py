@@ -23,11 +23,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pytest  # noqa: E402
 
-from fabloop.schemas import TOPICS  # noqa: E402
-from fabloop.settings import StackEndpoints  # noqa: E402
-from infra.process import ProcessManager, free_port, wait_until  # noqa: E402
-from infra.stack import broker_command, prefect_env  # noqa: E402
-from tasks.kafka_io import broker_healthy, ensure_topics  # noqa: E402
+from fabloop.core.schemas import TOPICS  # noqa: E402
+from fabloop.infra.settings import StackEndpoints  # noqa: E402
+from fabloop.infra.process import ProcessManager, free_port, wait_until  # noqa: E402
+from fabloop.infra.stack import broker_command, prefect_env  # noqa: E402
+from fabloop.adapters.kafka import broker_healthy, ensure_topics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -104,7 +104,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from infra.postgres import PostgresCluster, server_bin_dir
+    from fabloop.infra.postgres import PostgresCluster, server_bin_dir
 
     if server_bin_dir() is None:
         pytest.skip("PostgreSQL server binaries not installed (scripts/system-deps.sh installs them as root)")

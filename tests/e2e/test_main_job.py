@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from fabloop.db import ApprovalRow, DriftCheckRow, make_engine
-from fabloop.settings import StackEndpoints
-from infra.process import free_port
+from fabloop.adapters.store.schema import ApprovalRow, DriftCheckRow, make_engine
+from fabloop.infra.settings import StackEndpoints
+from fabloop.infra.process import free_port
 from tests.conftest import fabloop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -18,11 +18,11 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from fabloop.db import DriftCheckRow, RetrainTriggerRow, WindowRow, make_engine, sessionmaker
-from fabloop.schemas import SensorReading, TestResult
-from fabloop.scopes import ModelCatalogValue
-from tasks.ingest import ClosedWindow, Ingestor, IngestSettings
-from tasks.kafka_io import make_producer, publish_events
+from fabloop.adapters.store.schema import DriftCheckRow, RetrainTriggerRow, WindowRow, make_engine, sessionmaker
+from fabloop.core.schemas import SensorReading, TestResult
+from fabloop.core.scopes import ModelCatalogValue
+from fabloop.adapters.ingestor import ClosedWindow, Ingestor, IngestSettings
+from fabloop.adapters.kafka import make_producer, publish_events
 from tests.conftest import RunningStack
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -80,7 +80,7 @@ def train_champion(tracking_uri: str, model: str, retrain_policy_block: str) -> 
     """A real first training (``retrain`` in-process, no promotion), then ``champion`` on it."""
     from mlflow import MlflowClient
 
-    from flows.retrain import retrain
+    from fabloop.flows.retrain import retrain
 
     summary = retrain(model=model, reasons=["test set-up: initial champion"], policy_block=retrain_policy_block, promotion="off")
     version = str(summary["version"])
@@ -95,8 +95,8 @@ def set_model_overrides(overrides: dict[str, dict[str, Any] | None]) -> None:
     ones): a partial override does not survive the block's round trip yet (see
     ``test_a_partial_model_override_saved_in_the_block_keeps_the_base_policy``).
     """
-    from blocks import DEFAULT, DriftPolicyBlock
-    from tasks.drift import DriftPolicyOverride
+    from fabloop.blocks import DEFAULT, DriftPolicyBlock
+    from fabloop.core.drift import DriftPolicyOverride
 
     block = DriftPolicyBlock.load(DEFAULT)
     merged = dict(block.policy.overrides)

@@ -85,7 +85,7 @@ def register(tracking_uri: str, model: str, uris: list[str], aliases: dict[str, 
 
 
 def save_policy(name: str, approvers: list[str], timeout_seconds: int = 600, poll_seconds: int = 1) -> str:
-    from blocks import ApprovalPolicy
+    from fabloop.blocks import ApprovalPolicy
 
     ApprovalPolicy(approvers=approvers, timeout_seconds=timeout_seconds, poll_seconds=poll_seconds).save(
         name, overwrite=True
@@ -98,7 +98,7 @@ def save_policy(name: str, approvers: list[str], timeout_seconds: int = 600, pol
 # Prefect, MLflow and scikit-learn are paid once per session, not once per promotion.
 _LAUNCHER = """
 import json, sys, threading, traceback
-from flows.promote import promote
+from fabloop.flows.promote import promote
 
 def run(args):
     try:
@@ -253,7 +253,7 @@ def events(
 
 
 def approvals(stack: RunningStack, model: str) -> list[Any]:
-    from tasks.approvals import decisions
+    from fabloop.adapters.approvals import decisions
 
     return decisions(stack.ep.database_url, model)
 
@@ -266,6 +266,6 @@ def version_tags(stack: RunningStack, model: str, version: str) -> dict[str, str
 
 
 def alias(stack: RunningStack, model: str, name: str) -> str | None:
-    from tasks.registry import alias_version, client
+    from fabloop.adapters.registry import alias_version, client
 
     return alias_version(client(stack.ep.mlflow_tracking_uri), model, name)

@@ -19,12 +19,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from fabloop.db import WindowRow
-from fabloop.schemas import TOPICS, SensorReading, TestResult
-from infra.process import ProcessManager, free_port, wait_until
-from infra.stack import broker_command
-from tasks.kafka_io import broker_healthy, ensure_topics, make_producer, publish_events
-from tasks.simulate import DriftInjection, SimulationConfig, ToolSpec, simulate
+from fabloop.adapters.store.schema import WindowRow
+from fabloop.core.schemas import TOPICS, SensorReading, TestResult
+from fabloop.infra.process import ProcessManager, free_port, wait_until
+from fabloop.infra.stack import broker_command
+from fabloop.adapters.kafka import broker_healthy, ensure_topics, make_producer, publish_events
+from fabloop.core.simulate import DriftInjection, SimulationConfig, ToolSpec, simulate
 from tests.conftest import Broker, RunningStack
 from tests.integration.test_ingest import finish, query, start_ingest
 
@@ -118,8 +118,8 @@ def start_broker(home: Path) -> ModuleBroker:
 
 def build_fab(stack: RunningStack, broker: Broker) -> Fab:
     """Publish every scenario, then ingest them with the real CLI into the stack's store."""
-    from blocks import ModelCatalog
-    from fabloop.scopes import ModelSpec
+    from fabloop.blocks import ModelCatalog
+    from fabloop.core.scopes import ModelSpec
 
     prefix = f"R{uuid.uuid4().hex[:6]}"
     catalog = f"retrain-{prefix.lower()}"
@@ -136,8 +136,8 @@ def build_fab(stack: RunningStack, broker: Broker) -> Fab:
 
 def save_retrain_policy(**fields: Any) -> str:
     """A RetrainPolicy block of the test's own (small budget unless told otherwise)."""
-    from blocks import RetrainPolicyBlock
-    from tasks.training import RetrainPolicy
+    from fabloop.blocks import RetrainPolicyBlock
+    from fabloop.core.training import RetrainPolicy
 
     name = f"retrain-test-{uuid.uuid4().hex[:8]}"
     RetrainPolicyBlock(policy=RetrainPolicy(**{"n_trials": 8, "timeout_s": 120, **fields})).save(name, overwrite=True)

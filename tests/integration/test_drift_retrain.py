@@ -31,11 +31,11 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import select, update
 
-from fabloop.db import RetrainTriggerRow, SensorReadingRow, WindowWaferRow, create_schema, make_engine
-from fabloop.schemas import SensorReading, TestResult
-from fabloop.scopes import ModelCatalogValue, ModelSpec
-from tasks.simulate import DriftInjection, SimulationConfig, ToolSpec, sensor_specs, simulate
-from tasks.triggers import decide_retrain
+from fabloop.adapters.store.schema import RetrainTriggerRow, SensorReadingRow, WindowWaferRow, create_schema, make_engine
+from fabloop.core.schemas import SensorReading, TestResult
+from fabloop.core.scopes import ModelCatalogValue, ModelSpec
+from fabloop.core.simulate import DriftInjection, SimulationConfig, ToolSpec, sensor_specs, simulate
+from fabloop.adapters.store.triggers import decide_retrain
 from tests.conftest import REPO, Broker, RunningStack, fabloop
 from tests.integration import drift_support as ds
 
@@ -63,8 +63,8 @@ _MODELS: list[str] = []  # every model these tests create, for the teardown abov
 @pytest.fixture(scope="module")
 def retrain_policy(stack: RunningStack) -> str:
     """A small tuning budget for the set-up champions (the deployments keep the default block)."""
-    from blocks import RetrainPolicyBlock
-    from tasks.training import RetrainPolicy
+    from fabloop.blocks import RetrainPolicyBlock
+    from fabloop.core.training import RetrainPolicy
 
     name = f"drift-test-{uuid.uuid4().hex[:6]}"
     RetrainPolicyBlock(policy=RetrainPolicy(n_trials=5, timeout_s=60)).save(name, overwrite=True)
@@ -73,7 +73,7 @@ def retrain_policy(stack: RunningStack) -> str:
 
 def _kafka_group() -> str:
     """The consumer group ``fabloop ingest`` uses, so set-up and stream share committed offsets."""
-    from blocks import DEFAULT, KafkaConnection
+    from fabloop.blocks import DEFAULT, KafkaConnection
 
     return KafkaConnection.load(DEFAULT).consumer_group
 
@@ -244,9 +244,9 @@ STORM_WINDOWS, STORM_WINDOW_WAFERS, STORM_BASELINE = 50, 20, 400
 def test_a_storm_of_50_breaching_windows_starts_one_retraining_and_records_49_suppressions(
     stack: RunningStack, broker: Broker, deployed: datetime, retrain_policy: str
 ) -> None:
-    from blocks import DriftPolicyBlock
-    from flows.drift_check import drift_check
-    from tasks.drift import DriftPolicy
+    from fabloop.blocks import DriftPolicyBlock
+    from fabloop.flows.drift_check import drift_check
+    from fabloop.core.drift import DriftPolicy
 
     db, tracking_uri = stack.ep.database_url, stack.ep.mlflow_tracking_uri
     tool = f"S{uuid.uuid4().hex[:6]}"
@@ -331,8 +331,8 @@ def test_a_storm_of_50_breaching_windows_starts_one_retraining_and_records_49_su
 
 def test_a_partial_model_override_saved_in_the_block_keeps_the_base_policy(stack: RunningStack) -> None:
     """The UI's Blocks page path: one model gets a longer cooldown, the rest of the policy stays."""
-    from blocks import DriftPolicyBlock
-    from tasks.drift import DriftPolicy, DriftPolicyOverride
+    from fabloop.blocks import DriftPolicyBlock
+    from fabloop.core.drift import DriftPolicy, DriftPolicyOverride
 
     name = f"override-{uuid.uuid4().hex[:6]}"
     DriftPolicyBlock(policy=DriftPolicy(stattest="psi", drift_share=0.3, overrides={
@@ -348,8 +348,8 @@ _RACER = """
 import asyncio, sys
 from datetime import timedelta
 from pathlib import Path
-from fabloop.db import make_engine
-from tasks.triggers import decide_retrain
+from fabloop.adapters.store.schema import make_engine
+from fabloop.adapters.store.triggers import decide_retrain
 
 url, model, go, n = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 

@@ -25,12 +25,12 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import func, select
 
-from fabloop.db import DeadLetterRow, IngestBatchRow, SensorReadingRow, TestResultRow, WindowRow, WindowWaferRow, make_engine
-from fabloop.schemas import DEADLETTER_TOPIC, SENSOR_TOPIC, TEST_TOPIC, SensorReading
-from fabloop.scopes import ModelCatalogValue
-from tasks.ingest import IngestSettings, Ingestor
-from tasks.kafka_io import make_producer, publish_events, read_topic
-from tasks.simulate import SimulationConfig, ToolSpec, simulate
+from fabloop.adapters.store.schema import DeadLetterRow, IngestBatchRow, SensorReadingRow, TestResultRow, WindowRow, WindowWaferRow, make_engine
+from fabloop.core.schemas import DEADLETTER_TOPIC, SENSOR_TOPIC, TEST_TOPIC, SensorReading
+from fabloop.core.scopes import ModelCatalogValue
+from fabloop.adapters.ingestor import IngestSettings, Ingestor
+from fabloop.adapters.kafka import make_producer, publish_events, read_topic
+from fabloop.core.simulate import SimulationConfig, ToolSpec, simulate
 from tests.conftest import REPO, Broker, RunningStack
 
 pytestmark = pytest.mark.integration
@@ -270,8 +270,8 @@ def test_two_ingestors_in_one_group_split_partitions_without_loss_or_duplicates(
 def test_closed_windows_are_announced_once_each_in_prefects_event_feed(
     stack: RunningStack, broker: Broker, tmp_path: Path
 ) -> None:
-    from blocks import ModelCatalog
-    from fabloop.scopes import ModelSpec
+    from fabloop.blocks import ModelCatalog
+    from fabloop.core.scopes import ModelSpec
 
     prefix = f"W{uuid.uuid4().hex[:6]}"
     block = prefix.lower()  # block document names are lowercase

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fabloop.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult, parse_event
-from tasks.kafka_io import make_producer, publish_events, read_topic
-from tasks.simulate import SimulationConfig, simulate
+from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult, parse_event
+from fabloop.adapters.kafka import make_producer, publish_events, read_topic
+from fabloop.core.simulate import SimulationConfig, simulate
 from tests.conftest import Broker
 
 pytestmark = pytest.mark.integration

@@ -203,7 +203,7 @@ def test_newer_challenger_supersedes_the_pending_one(stack: RunningStack, policy
 def test_rollback_moves_champion_back_to_previous(stack: RunningStack, policy: str) -> None:
     since = datetime.now(UTC)
     model, (v1, v2) = _model_with_champion(stack, "rollback")
-    from tasks.registry import client
+    from fabloop.adapters.registry import client
 
     client(stack.ep.mlflow_tracking_uri).set_registered_model_alias(model, "champion", v2)
     client(stack.ep.mlflow_tracking_uri).set_registered_model_alias(model, "previous", v1)

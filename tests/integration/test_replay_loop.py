@@ -30,9 +30,9 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy import select
 
-from fabloop.db import SensorReadingRow, WindowWaferRow
+from fabloop.adapters.store.schema import SensorReadingRow, WindowWaferRow
 from fabloop.mainjob import BOOTSTRAP_APPROVER
-from fabloop.schemas import SENSOR_TOPIC
+from fabloop.core.schemas import SENSOR_TOPIC
 from tests.conftest import Broker, RunningStack, fabloop
 from tests.integration import drift_support as ds
 from tests.integration.secom_table import LABEL_COL, TIME_COL, SecomShape, secom_table, write_parts
@@ -95,7 +95,7 @@ def _cancel_and_settle(loop: Loop, timeout: float = 180) -> None:
 @pytest.fixture
 def loop(stack: RunningStack) -> Iterator[Loop]:
     """``fabloop deploy`` on the session stack, the bootstrap approver on the allowlist; undone afterwards."""
-    from blocks import DEFAULT, ApprovalPolicy
+    from fabloop.blocks import DEFAULT, ApprovalPolicy
 
     since = datetime.now(UTC)
     t0 = time.monotonic()
@@ -208,7 +208,7 @@ def test_replay_of_a_secom_shaped_history_leads_through_the_loop_to_a_drift_trig
 ) -> None:
     from mlflow import MlflowClient
 
-    from tasks import approvals
+    from fabloop.adapters import approvals
 
     t_start, t0 = time.monotonic(), datetime.now(UTC)
     marks: list[tuple[str, float]] = []

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fabloop.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult, parse_event
-from tasks.kafka_io import read_topic
+from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult, parse_event
+from fabloop.adapters.kafka import read_topic
 from tests.conftest import Broker, fabloop
 
 pytestmark = pytest.mark.integration

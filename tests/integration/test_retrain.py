@@ -23,11 +23,12 @@ import optuna
 import pandas as pd
 import pytest
 
-from blocks import ModelCatalog
-from fabloop.db import make_engine
-from flows.retrain import CHALLENGER_REJECTED, RETRAIN_REJECTED, optuna_storage_url, retrain
-from tasks import store, tracking
-from tasks.training import DataGateError, RetrainPolicy, data_hash, gate_training_set
+from fabloop.blocks import ModelCatalog
+from fabloop.adapters.store.schema import make_engine
+from fabloop.flows.retrain import CHALLENGER_REJECTED, RETRAIN_REJECTED, optuna_storage_url, retrain
+from fabloop.adapters import tracking
+from fabloop.adapters.store import frames as store
+from fabloop.core.training import DataGateError, RetrainPolicy, data_hash, gate_training_set
 from tests.conftest import RunningStack
 from tests.integration.promotion_support import events
 from tests.integration.retrain_support import (

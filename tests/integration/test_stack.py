@@ -10,9 +10,9 @@ import httpx
 import psutil
 import pytest
 
-from fabloop.settings import StackEndpoints
-from infra.process import free_port
-from tasks.kafka_io import topic_partitions
+from fabloop.infra.settings import StackEndpoints
+from fabloop.infra.process import free_port
+from fabloop.adapters.kafka import topic_partitions
 from tests.conftest import RunningStack, fabloop, start_stack
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ def test_status_reports_each_component(stack: RunningStack) -> None:
 
 
 def test_blocks_point_at_the_embedded_stack(stack: RunningStack) -> None:
-    from blocks import DEFAULT, FabloopDatabase, KafkaConnection, MLflowServer, ModelCatalog
+    from fabloop.blocks import DEFAULT, FabloopDatabase, KafkaConnection, MLflowServer, ModelCatalog
 
     assert KafkaConnection.load(DEFAULT).bootstrap_servers == stack.ep.kafka_bootstrap_servers
     assert MLflowServer.load(DEFAULT).tracking_uri == stack.ep.mlflow_tracking_uri

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from blocks.approval import ApprovalPolicy
-from tasks.approvals import ApprovalInput, decision_markdown, metrics_table, refusal_reason, superseded_by
-from tasks.registry import version_url
+from fabloop.blocks.approval import ApprovalPolicy
+from fabloop.adapters.approvals import ApprovalInput, decision_markdown, metrics_table, refusal_reason, superseded_by
+from fabloop.adapters.registry import version_url
 
 
 def test_allowlist_ignores_case_and_blanks_but_not_spelling() -> None:

@@ -1,4 +1,4 @@
-"""tasks.drift: verdicts must be Evidently's own, checked against an Evidently Report run on the same data."""
+"""fabloop.core.drift: verdicts must be Evidently's own, checked against an Evidently Report run on the same data."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from evidently import Report
 from evidently.presets import DataDriftPreset
 
-from tasks.drift import (
+from fabloop.core.drift import (
     DriftPolicy,
     DriftPolicyOverride,
     check_drift,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fabloop.schemas import EventValidationError, SensorReading, TestResult, parse_event, validate_event
+from fabloop.core.schemas import EventValidationError, SensorReading, TestResult, parse_event, validate_event
 
 
 def sensor(**overrides: object) -> dict[str, object]:

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from fabloop.schemas import SensorReading, TestResult, parse_event, validate_event
-from tasks.simulate import (
+from fabloop.core.schemas import SensorReading, TestResult, parse_event, validate_event
+from fabloop.core.simulate import (
     DriftInjection,
     SimulationConfig,
     injection_sensors,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from pystdf.IO import Parser
 
-from fabloop.schemas import TestResult, parse_event
-from tasks.stdf import StdfError, read_stdf, stdf_events
+from fabloop.core.schemas import TestResult, parse_event
+from fabloop.core.stdf import StdfError, read_stdf, stdf_events
 
 STDF_DIR = Path(__file__).parents[2].parent / "shared" / "data" / "stdf"
 T0 = 1_000_000_000  # 2001-09-09T01:46:40Z

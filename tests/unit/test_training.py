@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from tasks.training import (
+from fabloop.core.training import (
     DataGateError,
     RetrainPolicy,
     data_hash,

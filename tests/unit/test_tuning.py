@@ -7,8 +7,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from tasks.training import DataGateError, RetrainPolicy
-from tasks.tuning import TrialRecord, TuneResult, time_folds, tune
+from fabloop.core.training import DataGateError, RetrainPolicy
+from fabloop.core.tuning import TrialRecord, TuneResult, time_folds, tune
 
 
 def learnable_wafers(n: int = 600, n_features: int = 30, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
@@ -152,7 +152,7 @@ def test_tune_rejects_misaligned_labels(wafers):
 
 def test_binned_fold_datasets_are_reused_across_trials(wafers):
     """Changing booster params between trials must not re-bin the fold datasets."""
-    from tasks.tuning import build_fold_datasets, fixed_lgbm_params, lockstep_cv
+    from fabloop.core.tuning import build_fold_datasets, fixed_lgbm_params, lockstep_cv
 
     X, y = wafers
     policy = RetrainPolicy(**FAST)

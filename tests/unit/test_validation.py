@@ -1,5 +1,5 @@
-from tasks.training import RetrainPolicy
-from tasks.validation import judge_challenger
+from fabloop.core.training import RetrainPolicy
+from fabloop.core.validation import judge_challenger
 
 
 def test_first_model_only_needs_the_floor() -> None:

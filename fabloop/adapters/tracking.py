@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from tasks.tuning import FinalModel
+from fabloop.core.tuning import FinalModel
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 REFERENCE_ARTIFACT = "reference/sensors.parquet"

@@ -42,7 +42,7 @@ class StackSettings(BaseSettings):
             prefect_api_url=self.prefect_api_url or f"http://{self.host}:{self.prefect_port}/api",
             mlflow_tracking_uri=self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}",
             kafka_bootstrap_servers=self.kafka_bootstrap_servers or f"{self.host}:{self.kafka_port}",
-            database_url=self.database_url or f"sqlite+aiosqlite:///{home / 'fabloop.db'}",
+            database_url=self.database_url or f"sqlite+aiosqlite:///{home / 'fabloop.adapters.store.schema'}",
             partitions=self.partitions,
             work_pool=self.work_pool,
             embedded_prefect=self.prefect_api_url is None,

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from fabloop.schemas import ParametricResult, SensorReading, TestResult
+from fabloop.core.schemas import ParametricResult, SensorReading, TestResult
 
 N_FACTORS = 5
 MIN_SENSORS = 8

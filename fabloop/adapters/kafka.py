@@ -15,7 +15,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from fabloop.schemas import DEADLETTER_TOPIC, SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult
+from fabloop.core.schemas import DEADLETTER_TOPIC, SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult
 
 MAX_MESSAGE_BYTES = 1_000_000
 

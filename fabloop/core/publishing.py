@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from tasks.simulate import DriftInjection
+from fabloop.core.simulate import DriftInjection
 
 T = TypeVar("T")
 

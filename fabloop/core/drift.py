@@ -17,7 +17,7 @@ would raise (a sensor with no finite value) or give a verdict on a handful of va
 a sensor with fewer than ``min_feature_values`` finite values on either side gets
 ``status="insufficient_data"`` and is left out of the drift share.
 
-Convention (as in ``tasks.training``): the label is 1 for a *failing* wafer.
+Convention (as in ``fabloop.core.training``): the label is 1 for a *failing* wafer.
 
 Evidently is imported lazily: importing it costs several seconds, which a CLI or a
 flow that never checks drift should not pay.

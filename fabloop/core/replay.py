@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fabloop.schemas import SensorReading, TestResult
+from fabloop.core.schemas import SensorReading, TestResult
 
 __all__ = [
     "SECOM_LABELS",

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from fabloop.schemas import SensorReading
+from fabloop.core.schemas import SensorReading
 
 ScopeField = Literal["fab", "tool", "chamber", "recipe", "step"]
 

@@ -48,7 +48,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from tasks.training import DataGateError, RetrainPolicy
+from fabloop.core.training import DataGateError, RetrainPolicy
 
 Fold = tuple[np.ndarray, np.ndarray]
 

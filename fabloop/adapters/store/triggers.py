@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fabloop.db import RetrainTriggerRow, sessionmaker, utcnow
+from fabloop.adapters.store.schema import RetrainTriggerRow, sessionmaker, utcnow
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pystdf import V4
 from pystdf.IO import Parser
 
-from fabloop.schemas import TestResult
+from fabloop.core.schemas import TestResult
 
 __all__ = [
     "DEFAULT_MIN_YIELD_PCT",

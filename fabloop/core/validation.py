@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from tasks.training import RetrainPolicy
+from fabloop.core.training import RetrainPolicy
 
 
 class GateVerdict(BaseModel):

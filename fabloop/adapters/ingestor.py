@@ -32,7 +32,7 @@ from sqlalchemy import insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from fabloop.db import (
+from fabloop.adapters.store.schema import (
     DeadLetterRow,
     IngestBatchRow,
     SensorReadingRow,
@@ -43,7 +43,7 @@ from fabloop.db import (
     sessionmaker,
     utcnow,
 )
-from fabloop.schemas import (
+from fabloop.core.schemas import (
     DEADLETTER_TOPIC,
     SENSOR_TOPIC,
     TEST_TOPIC,
@@ -52,8 +52,8 @@ from fabloop.schemas import (
     TestResult,
     parse_event,
 )
-from fabloop.scopes import ModelCatalogValue, ModelSpec
-from tasks.kafka_io import CLIENT_LOG
+from fabloop.core.scopes import ModelCatalogValue, ModelSpec
+from fabloop.adapters.kafka import CLIENT_LOG
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import pandas as pd
 from sqlalchemy import Select, and_, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fabloop.db import SensorReadingRow, TestResultRow, WindowRow, WindowWaferRow
-from fabloop.scopes import ModelSpec
+from fabloop.adapters.store.schema import SensorReadingRow, TestResultRow, WindowRow, WindowWaferRow
+from fabloop.core.scopes import ModelSpec
 
 META = ["event_id", "ts", "wafer", "lot", "tool", "chamber", "recipe"]
 LABEL = "failed"

@@ -20,7 +20,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from fabloop.db import ApprovalRow, create_schema, make_engine, sessionmaker
+from fabloop.adapters.store.schema import ApprovalRow, create_schema, make_engine, sessionmaker
 from prefect.input import RunInput
 
 PROMOTION_TAG = "fabloop.promotion"
