@@ -65,7 +65,7 @@ def _pending(ep: StackEndpoints, model: str | None) -> list[Any]:
     """Pending promotions from the Prefect API, or a clear error if it cannot be reached."""
     import httpx
 
-    from fabloop.adapters.approvals import pending_promotions
+    from fabloop.adapters.prefect_api import pending_promotions
 
     try:
         return pending_promotions(model)
@@ -121,7 +121,8 @@ def _decide(
     model: str, decision: Literal["approve", "reject"], approver: str, comment: str, home: Path | None, wait: float
 ) -> None:
     ep = _connect(home)
-    from fabloop.adapters.approvals import ResumeRefused, decisions, resume_promotion, wait_for_outcome
+    from fabloop.adapters.prefect_api import ResumeRefused, resume_promotion, wait_for_outcome
+    from fabloop.adapters.store.approvals import decisions
 
     if not approver.strip():
         fail("--as: give your name")

@@ -154,7 +154,8 @@ def run_main_job(ep: StackEndpoints, cfg: MainJobConfig, console: Console) -> di
 
 def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline) -> dict[str, Any]:
 
-    from fabloop.adapters import approvals, tracking
+    from fabloop.adapters import prefect_api as approvals
+    from fabloop.adapters import tracking
     from fabloop.core.publishing import parse_drift_spec
     from fabloop.core.simulate import SimulationConfig, simulate
 
@@ -238,7 +239,7 @@ def _allow_approvers(tl: Timeline, console: Console, names: list[str]) -> None:
 
 def _decide(flow_run_id: str, approver: str, comment: str) -> None:
     """Resume a paused promotion with an approval, and fail loudly if it was refused."""
-    from fabloop.adapters import approvals
+    from fabloop.adapters import prefect_api as approvals
 
     left = approvals.resume_promotion(flow_run_id, "approve", approver, comment)
     state = approvals.wait_for_outcome(flow_run_id, left, timeout=120)

@@ -35,25 +35,17 @@ from prefect.states import Completed, State
 
 from fabloop.blocks import DEFAULT, ApprovalPolicy, FabloopDatabase, MLflowServer
 from fabloop.adapters import registry
-from fabloop.adapters.approvals import (
-    PROMOTION_TAG,
-    SUPERSEDED_TAG_PREFIX,
-    SYSTEM_APPROVER,
+from fabloop.adapters.prefect_api import (
     ApprovalInput,
-    ApprovalRecord,
-    Decision,
     ResumeRefused,
     add_flow_run_tags,
-    decision_markdown,
     flow_run_tags,
-    model_resource,
-    model_tag,
     promotion_runs,
-    record_decision,
-    refusal_reason,
     resume_promotion,
-    superseded_by,
 )
+from fabloop.adapters.store.approvals import record_decision
+from fabloop.core.approval import ApprovalRecord, Decision, decision_markdown, refusal_reason, superseded_by
+from fabloop.core.names import PROMOTION_TAG, SUPERSEDED_TAG_PREFIX, SYSTEM_APPROVER, model_resource, model_tag
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -253,7 +253,7 @@ def events(
 
 
 def approvals(stack: RunningStack, model: str) -> list[Any]:
-    from fabloop.adapters.approvals import decisions
+    from fabloop.adapters.store.approvals import decisions
 
     return decisions(stack.ep.database_url, model)
 

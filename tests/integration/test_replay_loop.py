@@ -208,7 +208,7 @@ def test_replay_of_a_secom_shaped_history_leads_through_the_loop_to_a_drift_trig
 ) -> None:
     from mlflow import MlflowClient
 
-    from fabloop.adapters import approvals
+    from fabloop.adapters import prefect_api as approvals
 
     t_start, t0 = time.monotonic(), datetime.now(UTC)
     marks: list[tuple[str, float]] = []

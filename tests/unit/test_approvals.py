@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from fabloop.blocks.approval import ApprovalPolicy
-from fabloop.adapters.approvals import ApprovalInput, decision_markdown, metrics_table, refusal_reason, superseded_by
+from fabloop.adapters.prefect_api import ApprovalInput
+from fabloop.core.approval import decision_markdown, metrics_table, refusal_reason, superseded_by
 from fabloop.adapters.registry import version_url
 
 

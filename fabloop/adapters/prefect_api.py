@@ -1,0 +1,141 @@
+"""The Prefect API as fabloop uses it: promotion runs, their tags, resuming them.
+
+A pending promotion *is* a paused ``promote`` flow run, tagged ``fabloop.promotion``
+and ``model:<name>``: the Prefect API is the single source of what waits for a
+decision, and resuming that run with an :class:`ApprovalInput` is the decision,
+whether it comes from the Prefect UI's Resume form or from ``fabloop approve``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.responses import SetStateStatus
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.input import RunInput
+from pydantic import ConfigDict, Field
+
+from fabloop.core.approval import PendingPromotion
+from fabloop.core.names import PROMOTION_TAG, model_tag
+
+# --- the form ---------------------------------------------------------------------------
+
+# Enforced by the Prefect server when the run is resumed (the UI shows the error and
+# the run stays paused): a rejection needs a reason.
+_REJECT_NEEDS_COMMENT: dict[str, Any] = {
+    "if": {"properties": {"decision": {"const": "reject"}}, "required": ["decision"]},
+    "then": {"properties": {"comment": {"type": "string", "minLength": 1}}, "required": ["comment"]},
+}
+
+
+class ApprovalInput(RunInput):
+    """The Resume form of a paused promotion (also what ``fabloop approve/reject`` send)."""
+
+    model_config = ConfigDict(json_schema_extra=_REJECT_NEEDS_COMMENT)
+
+    decision: Literal["approve", "reject"] = Field(
+        title="Decision", description="approve: the challenger becomes champion. reject: the champion stays."
+    )
+    approver: str = Field(
+        title="Approver", min_length=1, max_length=255,
+        description="Your name as on the approver allowlist (self-declared: Prefect OSS has no login).",
+    )
+    comment: str = Field(default="", title="Comment", description="Why. Required to reject.")
+
+
+def _promotion(run: Any) -> PendingPromotion:
+    params = run.parameters or {}
+    state = run.state
+    return PendingPromotion(
+        flow_run_id=str(run.id), flow_run_name=run.name, model=str(params.get("model", "")),
+        version=str(params.get("challenger_version", "")), state=state.type.value if state else "UNKNOWN",
+        started=run.start_time, paused_since=state.timestamp if state and state.is_paused() else None,
+        times_out=state.state_details.pause_timeout if state and state.is_paused() else None,
+        tags=list(run.tags or []),
+    )
+
+
+def promotion_runs(model: str | None = None, states: Sequence[str] = ("PAUSED",)) -> list[PendingPromotion]:
+    """``promote`` runs (of ``model``, or of every model) in the given state types, newest first."""
+    tags = [PROMOTION_TAG] + ([model_tag(model)] if model else [])
+    flt = FlowRunFilter(
+        tags=FlowRunFilterTags(all_=tags),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in states])),
+    )
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=flt, sort=FlowRunSort.START_TIME_DESC, limit=200)
+    return [_promotion(r) for r in runs]
+
+
+def pending_promotions(model: str | None = None) -> list[PendingPromotion]:
+    """Promotions waiting for a human: paused and not superseded."""
+    return [p for p in promotion_runs(model) if p.superseded_by is None]
+
+
+def add_flow_run_tags(flow_run_id: str | UUID, tags: Sequence[str]) -> list[str]:
+    """Add tags to a flow run (keeping its others); returns the new tag list."""
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(str(flow_run_id)))
+        merged = list(dict.fromkeys([*(run.tags or []), *tags]))
+        if merged != list(run.tags or []):
+            client.update_flow_run(run.id, tags=merged)
+        return merged
+
+
+def flow_run_tags(flow_run_id: str | UUID) -> list[str]:
+
+    with get_client(sync_client=True) as client:
+        return list(client.read_flow_run(UUID(str(flow_run_id))).tags or [])
+
+
+class ResumeRefused(RuntimeError):
+    """The Prefect server did not accept the decision (e.g. reject without a comment)."""
+
+
+def resume_promotion(
+    flow_run_id: str | UUID, decision: Literal["approve", "reject"], approver: str, comment: str = ""
+) -> str:
+    """Resume a paused promotion with the form's input; returns the id of the state it left.
+
+    This is the same call the Prefect UI's Resume button makes, and the server
+    validates the input against the same schema.
+    """
+
+    run_input = ApprovalInput.model_construct(decision=decision, approver=approver, comment=comment)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(str(flow_run_id)))
+        if run.state is None or not run.state.is_paused():
+            state = run.state.type.value if run.state else "no state"
+            raise ResumeRefused(f"flow run {flow_run_id} is not waiting for a decision (state {state})")
+        result = client.resume_flow_run(run.id, run_input=run_input.model_dump())
+    if result.status != SetStateStatus.ACCEPT:
+        reason = getattr(result.details, "reason", None) or result.status.value
+        raise ResumeRefused(f"the Prefect server refused the decision: {reason}")
+    return str(run.state.id)
+
+
+def wait_for_outcome(flow_run_id: str | UUID, left_state_id: str, timeout: float = 60.0) -> Any | None:
+    """After a resume, the run's next settled state: final, or paused again (decision refused).
+
+    Returns None if neither happened within ``timeout`` seconds.
+    """
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(UUID(str(flow_run_id))).state
+            if state is not None and (state.is_final() or (state.is_paused() and str(state.id) != left_state_id)):
+                return state
+            time.sleep(0.5)
+    return None

@@ -1,0 +1,148 @@
+"""Human decisions on challenger models, as plain values: the records and the decision page.
+
+A pending promotion *is* a paused ``promote`` flow run (see
+:mod:`fabloop.adapters.prefect_api`); resuming it with the approval form is the
+decision. This module holds what needs no I/O: the audit record, the pending-run
+summary, the refusal rule and the Markdown an engineer decides from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fabloop.core.names import SUPERSEDED_TAG_PREFIX
+
+Decision = Literal["approved", "rejected", "refused", "timed_out", "superseded", "rolled_back"]
+DecisionRequest = Literal["approve", "reject"]
+
+
+class Answer(Protocol):
+    """What an engineer submitted on the approval form (see ``ApprovalInput``)."""
+
+    decision: DecisionRequest
+    approver: str
+    comment: str
+
+
+def refusal_reason(answer: Answer, allowed: bool, policy_name: str) -> str | None:
+    """Why a submitted decision cannot be acted on, or None when it can."""
+    if not allowed:
+        return f"{answer.approver.strip()!r} is not on the approver allowlist of policy {policy_name!r}"
+    if answer.decision == "reject" and not answer.comment.strip():
+        return "a comment is required to reject"
+    return None
+
+
+# --- the decision page --------------------------------------------------------------------
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def metrics_table(metrics: Mapping[str, Mapping[str, float]], champion: str | None, challenger: str) -> str:
+    """Champion vs challenger on the same holdout, one row per metric, with the change."""
+    champ = metrics.get("champion") or {}
+    chall = metrics.get("challenger") or {}
+    names = list(dict.fromkeys([*chall, *champ]))
+    if not names:
+        return "_No holdout metrics were given._\n"
+    head = f"champion v{champion}" if champion else "champion (none)"
+    lines = [f"| metric | {head} | challenger v{challenger} | change |", "|---|---:|---:|---:|"]
+    for name in names:
+        a, b = champ.get(name), chall.get(name)
+        change = "—" if a is None or b is None else f"{b - a:+.4f}"
+        lines.append(f"| {name} | {_fmt(a)} | {_fmt(b)} | {change} |")
+    return "\n".join(lines) + "\n"
+
+
+def decision_markdown(
+    *,
+    model: str,
+    challenger: str,
+    champion: str | None,
+    reasons: Sequence[str],
+    metrics: Mapping[str, Mapping[str, float]],
+    links: Mapping[str, str],
+    trigger: Mapping[str, Any],
+    policy_name: str,
+    deadline: datetime,
+) -> str:
+    """Everything an engineer needs to decide, as Markdown (artifact and form description)."""
+    champion_text = f"[version {champion}]({links['champion_version']})" if champion else "none yet"
+    out = [
+        f"## Promote `{model}` version {challenger} to champion?\n",
+        f"**Challenger:** [version {challenger}]({links['challenger_version']})"
+        + (f" ([training run]({links['challenger_run']}))" if links.get("challenger_run") else "")
+        + f" · **Champion:** {champion_text}"
+        + (f" ([training run]({links['champion_run']}))" if champion and links.get("champion_run") else ""),
+        "" if champion else "\nThis model has no champion yet: if approved, this version becomes the first.",
+        "\n### Why a new model\n",
+        *([f"- {r}" for r in reasons] or ["- (no reason given)"]),
+        "\n### Holdout metrics (same holdout for both)\n",
+        metrics_table(metrics, champion, challenger),
+    ]
+    shown = {"challenger_version", "champion_version", "challenger_run", "champion_run"}
+    evidence = [f"- [{k.replace('_', ' ')}]({v})" for k, v in links.items() if k not in shown and v]
+    evidence += [f"- {k.replace('_', ' ')}: `{v}`" for k, v in trigger.items()]
+    if evidence:
+        out += ["### Evidence\n", *evidence, ""]
+    out += [
+        "### Decide\n",
+        "Choose **approve** or **reject** and give your name as it appears on the approver allowlist "
+        f"(block `{policy_name}`); a comment is required to reject. Names are self-declared: every "
+        "decision is recorded with it. Without a decision by "
+        f"{deadline.astimezone(UTC):%Y-%m-%d %H:%M} UTC the challenger is rejected (approval timed out).",
+    ]
+    return "\n".join(out) + "\n"
+
+
+# --- the audit trail and the waiting runs ------------------------------------------------
+
+
+class ApprovalRecord(BaseModel):
+    """One row of the approvals table."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int | None = None
+    model: str
+    version: str
+    decision: Decision
+    approver: str | None = None
+    comment: str | None = None
+    flow_run_id: str | None = None
+    previous_champion: str | None = None
+    decided_at: datetime | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class PendingPromotion(BaseModel):
+    """A paused ``promote`` run waiting for a decision."""
+
+    flow_run_id: str
+    flow_run_name: str
+    model: str
+    version: str
+    state: str
+    started: datetime | None
+    paused_since: datetime | None
+    times_out: datetime | None
+    tags: list[str]
+
+    def age_seconds(self, now: datetime | None = None) -> float | None:
+        since = self.started or self.paused_since
+        return None if since is None else ((now or datetime.now(UTC)) - since).total_seconds()
+
+    @property
+    def superseded_by(self) -> str | None:
+        return superseded_by(self.tags)
+
+
+def superseded_by(tags: Sequence[str]) -> str | None:
+    """The version named by a ``superseded-by:N`` tag, if any."""
+    return next((t.removeprefix(SUPERSEDED_TAG_PREFIX) for t in tags if t.startswith(SUPERSEDED_TAG_PREFIX)), None)
