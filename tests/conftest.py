@@ -9,12 +9,9 @@ their own messages; ``database_url`` is SQLite or a throwaway PostgreSQL cluster
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 # Keep the test process's own Prefect state out of the user's ~/.prefect.
@@ -23,50 +20,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pytest  # noqa: E402
 
-from fabloop.core.schemas import TOPICS  # noqa: E402
-from fabloop.infra.settings import StackEndpoints  # noqa: E402
-from fabloop.infra.process import ProcessManager, free_port, wait_until  # noqa: E402
-from fabloop.infra.stack import broker_command, prefect_env  # noqa: E402
 from fabloop.adapters.kafka import broker_healthy, ensure_topics  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def fabloop(*args: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the real ``fabloop`` command line."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "fabloop.cli", *args],
-        env={**os.environ, "COLUMNS": "200", **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"fabloop {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-@dataclass
-class RunningStack:
-    ep: StackEndpoints
-    env: dict[str, str]
-    up_seconds: float
-    up_output: str
-
-    @property
-    def kafka_conf(self) -> dict[str, str]:
-        return {"bootstrap.servers": self.ep.kafka_bootstrap_servers}
-
-
-def start_stack(home: Path, partitions: int = 3) -> RunningStack:
-    env = {"FABLOOP_HOME": str(home)}
-    args = [
-        "up", "--prefect-port", str(free_port()), "--mlflow-port", str(free_port()),
-        "--kafka-port", str(free_port()), "--partitions", str(partitions),
-    ]
-    t0 = time.monotonic()
-    out = fabloop(*args, env=env, timeout=240)
-    elapsed = time.monotonic() - t0
-    ep = StackEndpoints.load(home)
-    return RunningStack(ep=ep, env={**env, **prefect_env(ep)}, up_seconds=elapsed, up_output=out.stdout)
+from fabloop.core.schemas import TOPICS  # noqa: E402
+from fabloop.infra.process import ProcessManager, free_port, wait_until  # noqa: E402
+from fabloop.infra.stack import broker_command  # noqa: E402
+from tests.helpers.promotion import PromotionLauncher, session_launcher  # noqa: E402
+from tests.helpers.stack import Broker, RunningStack, fabloop, start_stack  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -78,15 +37,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     with temporary_settings(updates={PREFECT_API_URL: running.ep.prefect_api_url}):
         yield running
     fabloop("down", env=running.env, check=False)
-
-
-@dataclass
-class Broker:
-    bootstrap: str
-
-    @property
-    def conf(self) -> dict[str, str]:
-        return {"bootstrap.servers": self.bootstrap}
 
 
 @pytest.fixture
@@ -135,3 +85,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
     asyncio.run(create())
     yield base.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture
+def launcher(stack: RunningStack, request: pytest.FixtureRequest) -> PromotionLauncher:
+    """Runs ``promote`` flows in one long-lived process of the session (see tests.helpers.promotion)."""
+    return session_launcher(stack, request)

@@ -17,21 +17,20 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningStack
-from tests.integration.promotion_support import (
+from tests.helpers.prefect_api import flow_run
+from tests.helpers.promotion import (
     PromotionLauncher,
     alias,
     approvals,
     events,
-    flow_run,
-    launcher,  # noqa: F401 - the fixture
     register,
     save_policy,
     tiny_model_uris,
     unique_model,
-    wait_final,
+    wait_completed,
     wait_paused,
 )
+from tests.helpers.stack import RunningStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -97,7 +96,7 @@ def test_approve_from_the_prefect_ui(stack: RunningStack, launcher: PromotionLau
         finally:
             browser.close()
 
-    assert wait_final(stack, run)["name"] == "Approved"
+    assert wait_completed(stack, run)["name"] == "Approved"
     assert (alias(stack, model, "champion"), alias(stack, model, "previous")) == (v2, v1)
     [rec] = approvals(stack, model)
     assert (rec.decision, rec.approver, rec.comment) == ("approved", "Dana Kim", "holdout recall +5 points, checked lot 7")

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import select
 
 from fabloop.adapters.store.schema import ApprovalRow, DriftCheckRow, make_engine
-from fabloop.infra.settings import StackEndpoints
 from fabloop.infra.process import free_port
-from tests.conftest import fabloop
+from fabloop.infra.settings import StackEndpoints
+from tests.helpers.stack import fabloop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -28,16 +28,21 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from pydantic import ValidationError
 from sqlalchemy import select, update
 
-from fabloop.adapters.store.schema import RetrainTriggerRow, SensorReadingRow, WindowWaferRow, create_schema, make_engine
+from fabloop.adapters.store.schema import (
+    RetrainTriggerRow,
+    SensorReadingRow,
+    WindowWaferRow,
+    create_schema,
+    make_engine,
+)
+from fabloop.adapters.store.triggers import decide_retrain
 from fabloop.core.schemas import SensorReading, TestResult
 from fabloop.core.scopes import ModelCatalogValue, ModelSpec
 from fabloop.core.simulate import DriftInjection, SimulationConfig, ToolSpec, sensor_specs, simulate
-from fabloop.adapters.store.triggers import decide_retrain
-from tests.conftest import REPO, Broker, RunningStack, fabloop
-from tests.integration import drift_support as ds
+from tests.helpers import drift as ds
+from tests.helpers.stack import REPO, Broker, RunningStack, fabloop
 
 pytestmark = pytest.mark.integration
 
@@ -245,8 +250,8 @@ def test_a_storm_of_50_breaching_windows_starts_one_retraining_and_records_49_su
     stack: RunningStack, broker: Broker, deployed: datetime, retrain_policy: str
 ) -> None:
     from fabloop.blocks import DriftPolicyBlock
-    from fabloop.flows.drift_check import drift_check
     from fabloop.core.drift import DriftPolicy
+    from fabloop.flows.drift_check import drift_check
 
     db, tracking_uri = stack.ep.database_url, stack.ep.mlflow_tracking_uri
     tool = f"S{uuid.uuid4().hex[:6]}"

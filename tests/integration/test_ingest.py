@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,66 +22,15 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import func, select
 
-from fabloop.adapters.store.schema import DeadLetterRow, IngestBatchRow, SensorReadingRow, TestResultRow, WindowRow, WindowWaferRow, make_engine
+from fabloop.adapters.ingestor import Ingestor, IngestSettings
+from fabloop.adapters.kafka import make_producer, publish_events, read_topic
+from fabloop.adapters.store.schema import DeadLetterRow, IngestBatchRow, WindowRow, WindowWaferRow, make_engine
 from fabloop.core.schemas import DEADLETTER_TOPIC, SENSOR_TOPIC, TEST_TOPIC, SensorReading
 from fabloop.core.scopes import ModelCatalogValue
-from fabloop.adapters.ingestor import IngestSettings, Ingestor
-from fabloop.adapters.kafka import make_producer, publish_events, read_topic
-from fabloop.core.simulate import SimulationConfig, ToolSpec, simulate
-from tests.conftest import REPO, Broker, RunningStack
+from tests.helpers.ingest import finish, query, sim, start_ingest, stored_ids, wait_for_rows
+from tests.helpers.stack import Broker, RunningStack
 
 pytestmark = pytest.mark.integration
-
-
-def start_ingest(stack: RunningStack, broker: Broker, db: str, *extra: str, max_idle: float = 8) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "fabloop.cli", "ingest", "--bootstrap-servers", broker.bootstrap,
-         "--database-url", db, "--max-idle", str(max_idle), *extra],
-        env={**os.environ, **stack.env}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 180) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def query(db: str, stmt: Any) -> list[Any]:
-    async def run() -> list[Any]:
-        engine = make_engine(db)
-        try:
-            async with engine.connect() as conn:
-                return list((await conn.execute(stmt)).all())
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
-
-
-def stored_ids(db: str) -> list[str]:
-    rows = query(db, select(SensorReadingRow.event_id)) + query(db, select(TestResultRow.event_id))
-    return [r[0] for r in rows]
-
-
-def wait_for_rows(db: str, at_least: int, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            # Both tables: a backlog is consumed test results first (small), readings last.
-            n = (query(db, select(func.count()).select_from(SensorReadingRow))[0][0]
-                 + query(db, select(func.count()).select_from(TestResultRow))[0][0])
-            if n >= at_least:
-                return n
-        except Exception:  # noqa: BLE001 - tables not created yet
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"fewer than {at_least} events stored after {timeout}s")
-
-
-def sim(prefix: str, wafers: int, seed: int = 3) -> list[Any]:
-    tools = [ToolSpec(name=f"{prefix}-{i}", chambers=["A", "B"]) for i in (1, 2, 3)]
-    return list(simulate(SimulationConfig(seed=seed, wafers=wafers, n_sensors=30, tools=tools, pm_every_wafers=None)))
 
 
 def test_kill_9_mid_stream_then_restart_stores_every_event_exactly_once(

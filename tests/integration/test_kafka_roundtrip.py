@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult, parse_event
 from fabloop.adapters.kafka import make_producer, publish_events, read_topic
+from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult, parse_event
 from fabloop.core.simulate import SimulationConfig, simulate
-from tests.conftest import Broker
+from tests.helpers.stack import Broker
 
 pytestmark = pytest.mark.integration
 

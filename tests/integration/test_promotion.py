@@ -15,23 +15,22 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from tests.conftest import RunningStack, fabloop
-from tests.integration.promotion_support import (
+from tests.helpers.prefect_api import flow_run
+from tests.helpers.promotion import (
     PromotionLauncher,
     alias,
     approvals,
     events,
-    flow_run,
-    launcher,  # noqa: F401 - the fixture
     register,
     resume,
     save_policy,
     tiny_model_uris,
     unique_model,
     version_tags,
-    wait_final,
+    wait_completed,
     wait_paused,
 )
+from tests.helpers.stack import RunningStack, fabloop
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +74,7 @@ def test_approve_from_the_cli_promotes_and_audits(stack: RunningStack, policy: s
     out = fabloop("approve", model, "--as", "Alice", "--comment", "better recall at the operating point",
                   env=stack.env)
     assert "Approved" in out.stdout, out.stdout
-    state = wait_final(stack, run)
+    state = wait_completed(stack, run)
     assert (state["type"], state["name"]) == ("COMPLETED", "Approved")
     assert (alias(stack, model, "champion"), alias(stack, model, "previous")) == (v2, v1)
     assert alias(stack, model, "challenger") is None
@@ -108,7 +107,7 @@ def test_reject_needs_a_comment_and_keeps_the_champion(stack: RunningStack, poli
     answer = resume(stack, run.flow_run_id,
                     {"decision": "reject", "approver": "Bob", "comment": "recall drops on lot-end wafers"})
     assert answer["status"] == "ACCEPT"
-    state = wait_final(stack, run)
+    state = wait_completed(stack, run)
     assert (state["type"], state["name"]) == ("COMPLETED", "Rejected")
     assert alias(stack, model, "champion") == v1 and alias(stack, model, "previous") is None
     assert alias(stack, model, "challenger") is None
@@ -131,7 +130,7 @@ def test_timeout_is_recorded_as_rejected(stack: RunningStack, launcher: Promotio
     policy = save_policy(unique_model("policy-3s"), ["Alice"], timeout_seconds=3, poll_seconds=1)
     run = launcher.start(model, v1, policy)
     wait_paused(stack, run)
-    state = wait_final(stack, run, timeout=60)
+    state = wait_completed(stack, run, timeout=60)
     assert (state["type"], state["name"]) == ("COMPLETED", "TimedOut")
     assert state["message"] == "rejected: approval timed out"
     assert alias(stack, model, "champion") is None and alias(stack, model, "challenger") is None
@@ -162,7 +161,7 @@ def test_refused_approver_is_recorded_and_the_run_keeps_waiting(
     assert alias(stack, model, "champion") is None
 
     resume(stack, run.flow_run_id, {"decision": "approve", "approver": " bob ", "comment": ""})
-    state = wait_final(stack, run)
+    state = wait_completed(stack, run)
     assert state["name"] == "Approved"
     assert alias(stack, model, "champion") == v1 and alias(stack, model, "previous") is None
     refused, approved = approvals(stack, model)
@@ -180,7 +179,7 @@ def test_newer_challenger_supersedes_the_pending_one(stack: RunningStack, policy
     wait_paused(stack, older)
     newer = launcher.start(model, v3, policy)
     wait_paused(stack, newer)
-    old_state = wait_final(stack, older)
+    old_state = wait_completed(stack, older)
     assert (old_state["name"], old_state["message"]) == ("Superseded", f"superseded by version {v3}")
     # The superseded run can no longer be resumed, so it can never promote.
     late = resume(stack, older.flow_run_id, {"decision": "approve", "approver": "Alice", "comment": ""})
@@ -189,7 +188,7 @@ def test_newer_challenger_supersedes_the_pending_one(stack: RunningStack, policy
     assert older.flow_run_id not in listing and newer.flow_run_id in listing
 
     fabloop("approve", model, "--as", "Alice", env=stack.env)
-    assert wait_final(stack, newer)["name"] == "Approved"
+    assert wait_completed(stack, newer)["name"] == "Approved"
     assert (alias(stack, model, "champion"), alias(stack, model, "previous")) == (v3, v1)
     assert version_tags(stack, model, v2)["fabloop.decision"] == "superseded"
     assert version_tags(stack, model, v2)["fabloop.superseded_by"] == v3

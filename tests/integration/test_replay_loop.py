@@ -31,11 +31,11 @@ import pytest
 from sqlalchemy import select
 
 from fabloop.adapters.store.schema import SensorReadingRow, WindowWaferRow
-from fabloop.mainjob import BOOTSTRAP_APPROVER
 from fabloop.core.schemas import SENSOR_TOPIC
-from tests.conftest import Broker, RunningStack, fabloop
-from tests.integration import drift_support as ds
-from tests.integration.secom_table import LABEL_COL, TIME_COL, SecomShape, secom_table, write_parts
+from fabloop.mainjob import BOOTSTRAP_APPROVER
+from tests.helpers import drift as ds
+from tests.helpers.secom_table import LABEL_COL, TIME_COL, SecomShape, secom_table, write_parts
+from tests.helpers.stack import Broker, RunningStack, fabloop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult, parse_event
 from fabloop.adapters.kafka import read_topic
-from tests.conftest import Broker, fabloop
+from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult, parse_event
+from tests.helpers.stack import Broker, fabloop
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from pathlib import Path
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -23,15 +23,14 @@ import optuna
 import pandas as pd
 import pytest
 
-from fabloop.blocks import ModelCatalog
-from fabloop.adapters.store.schema import make_engine
-from fabloop.flows.retrain import CHALLENGER_REJECTED, RETRAIN_REJECTED, optuna_storage_url, retrain
 from fabloop.adapters import tracking
 from fabloop.adapters.store import frames as store
+from fabloop.adapters.store.schema import make_engine
+from fabloop.blocks import ModelCatalog
 from fabloop.core.training import DataGateError, RetrainPolicy, data_hash, gate_training_set
-from tests.conftest import RunningStack
-from tests.integration.promotion_support import events
-from tests.integration.retrain_support import (
+from fabloop.flows.retrain import CHALLENGER_REJECTED, RETRAIN_REJECTED, optuna_storage_url, retrain
+from tests.helpers.promotion import events
+from tests.helpers.retrain import (
     MISSING_SENSOR,
     Fab,
     build_fab,
@@ -40,6 +39,7 @@ from tests.integration.retrain_support import (
     start_broker,
     versions,
 )
+from tests.helpers.stack import RunningStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

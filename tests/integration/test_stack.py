@@ -10,10 +10,10 @@ import httpx
 import psutil
 import pytest
 
-from fabloop.infra.settings import StackEndpoints
-from fabloop.infra.process import free_port
 from fabloop.adapters.kafka import topic_partitions
-from tests.conftest import RunningStack, fabloop, start_stack
+from fabloop.infra.process import free_port
+from fabloop.infra.settings import StackEndpoints
+from tests.helpers.stack import RunningStack, fabloop, start_stack
 
 pytestmark = pytest.mark.integration
 

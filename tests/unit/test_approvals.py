@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from fabloop.blocks.approval import ApprovalPolicy
 from fabloop.adapters.prefect_api import ApprovalInput
-from fabloop.core.approval import decision_markdown, metrics_table, refusal_reason, superseded_by
 from fabloop.adapters.registry import version_url
+from fabloop.blocks.approval import ApprovalPolicy
+from fabloop.core.approval import decision_markdown, metrics_table, refusal_reason, superseded_by
 
 
 def test_allowlist_ignores_case_and_blanks_but_not_spelling() -> None:

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from fabloop.core.schemas import SensorReading, TestResult, parse_event
 from fabloop.core.replay import BadRow, ReplayColumns, ReplayTableError, paced, read_table, replay_events
+from fabloop.core.schemas import SensorReading, TestResult, parse_event
 
 CSV = """\
 time,wafer_id,tool,pass_fail,s1,s2,note

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from fabloop.core.training import DataGateError, RetrainPolicy
-from fabloop.core.tuning import TrialRecord, TuneResult, time_folds, tune
+from fabloop.core.tuning import TrialRecord, time_folds, tune
 
 
 def learnable_wafers(n: int = 600, n_features: int = 30, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:

@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-import httpx
 from sqlalchemy import select
 
+from fabloop.adapters.ingestor import ClosedWindow, Ingestor, IngestSettings
+from fabloop.adapters.kafka import make_producer, publish_events
 from fabloop.adapters.store.schema import DriftCheckRow, RetrainTriggerRow, WindowRow, make_engine, sessionmaker
 from fabloop.core.schemas import SensorReading, TestResult
 from fabloop.core.scopes import ModelCatalogValue
-from fabloop.adapters.ingestor import ClosedWindow, Ingestor, IngestSettings
-from fabloop.adapters.kafka import make_producer, publish_events
-from tests.conftest import RunningStack
+from tests.helpers.prefect_api import (  # re-exported: the drift tests read runs through ds.*
+    FINAL,
+    api,
+    runs_of_flow,
+)
+from tests.helpers.stack import RunningStack
 
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 Event = SensorReading | TestResult
 
 
@@ -152,50 +154,7 @@ def triggers(database_url: str, models: list[str]) -> list[RetrainTriggerRow]:
     return entities(database_url, select(RetrainTriggerRow).where(RetrainTriggerRow.model.in_(models)).order_by(RetrainTriggerRow.id))
 
 
-# --------------------------------------------------------------------------- Prefect API
-
-
-def api(stack: RunningStack, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    resp = httpx.request(method, f"{stack.ep.prefect_api_url}{path}", json=body, timeout=20)
-    resp.raise_for_status()
-    return resp.json() if resp.content else None
-
-
-def flow_run(stack: RunningStack, flow_run_id: str) -> dict[str, Any]:
-    return api(stack, "GET", f"/flow_runs/{flow_run_id}")
-
-
-def deployment_id(stack: RunningStack, flow: str, name: str) -> str:
-    return api(stack, "GET", f"/deployments/name/{flow}/{name}")["id"]
-
-
-def runs_of_flow(stack: RunningStack, flow_name: str, since: datetime) -> list[dict[str, Any]]:
-    """Every run of flow ``flow_name`` created since ``since`` (deployment runs and in-process ones)."""
-    body = {"flows": {"name": {"any_": [flow_name]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200}
-    runs = api(stack, "POST", "/flow_runs/filter", body)
-    return [r for r in runs if datetime.fromisoformat(r["created"]) >= since]
-
-
-def parent_flow_run_id(stack: RunningStack, run: dict[str, Any]) -> str | None:
-    """The flow run that started ``run`` as a subflow (through its parent task run)."""
-    if not run.get("parent_task_run_id"):
-        return None
-    return api(stack, "GET", f"/task_runs/{run['parent_task_run_id']}")["flow_run_id"]
-
-
-def artifacts_of(stack: RunningStack, flow_run_id: str) -> list[dict[str, Any]]:
-    return api(stack, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
-
-
-def wait_final(stack: RunningStack, flow_run_id: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        run = flow_run(stack, flow_run_id)
-        if run["state_type"] in FINAL:
-            return run
-        if time.monotonic() > deadline:
-            raise AssertionError(f"flow run {run['name']} ({flow_run_id}) still {run['state_name']} after {timeout:.0f}s")
-        time.sleep(2)
+# --------------------------------------------------------------------------- Prefect API (see tests.helpers.prefect_api)
 
 
 def cancel_unfinished(stack: RunningStack, flow_names: list[str], models: list[str], since: datetime) -> list[str]:

@@ -19,14 +19,14 @@ from typing import Any
 
 from sqlalchemy import select
 
+from fabloop.adapters.kafka import broker_healthy, ensure_topics, make_producer, publish_events
 from fabloop.adapters.store.schema import WindowRow
 from fabloop.core.schemas import TOPICS, SensorReading, TestResult
+from fabloop.core.simulate import DriftInjection, SimulationConfig, ToolSpec, simulate
 from fabloop.infra.process import ProcessManager, free_port, wait_until
 from fabloop.infra.stack import broker_command
-from fabloop.adapters.kafka import broker_healthy, ensure_topics, make_producer, publish_events
-from fabloop.core.simulate import DriftInjection, SimulationConfig, ToolSpec, simulate
-from tests.conftest import Broker, RunningStack
-from tests.integration.test_ingest import finish, query, start_ingest
+from tests.helpers.ingest import finish, query, start_ingest
+from tests.helpers.stack import Broker, RunningStack
 
 N_SENSORS = 30
 WINDOW_WAFERS = 400

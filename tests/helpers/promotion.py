@@ -5,7 +5,7 @@ in its MLflow server, ``promote`` runs as a real flow run in a separate process 
 pauses on the real Prefect server; outcomes are read back from the registry, the
 approvals table and the Prefect events API.
 
-Import the ``launcher`` fixture into a test module to use it.
+The ``launcher`` fixture (tests/conftest.py) hands out the session's launcher.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, RunningStack
+from tests.helpers.prefect_api import FINAL, wait_final
+from tests.helpers.stack import REPO, RunningStack
 
 METRICS = {
     "champion": {"roc_auc": 0.8123, "pr_auc": 0.4410, "recall_at_op": 0.7000},
     "challenger": {"roc_auc": 0.8617, "pr_auc": 0.5032, "recall_at_op": 0.7500},
 }
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def unique_model(prefix: str) -> str:
@@ -166,9 +166,8 @@ class PromotionRun:
 _LAUNCHERS: dict[Path, PromotionLauncher] = {}
 
 
-@pytest.fixture
-def launcher(stack: RunningStack, request: pytest.FixtureRequest) -> PromotionLauncher:
-    """The session's launcher, shared by every module that imports this fixture."""
+def session_launcher(stack: RunningStack, request: pytest.FixtureRequest) -> PromotionLauncher:
+    """The session's launcher (started on first use, closed at the end of the session)."""
     running = _LAUNCHERS.get(stack.ep.home)
     if running is None or running.proc.poll() is not None:
         running = PromotionLauncher(stack, stack.ep.home / "promotion-launcher.log")
@@ -203,22 +202,15 @@ def wait_paused(stack: RunningStack, run: PromotionRun, timeout: float = 90, aft
     raise AssertionError(f"promote did not pause within {timeout}s:\n{run.output()}")
 
 
-def flow_run(stack: RunningStack, flow_run_id: str) -> dict[str, Any]:
-    resp = httpx.get(f"{stack.ep.prefect_api_url}/flow_runs/{flow_run_id}", timeout=10)
-    resp.raise_for_status()
-    return resp.json()
-
-
-def wait_final(stack: RunningStack, run: PromotionRun, timeout: float = 60) -> dict[str, Any]:
+def wait_completed(stack: RunningStack, run: PromotionRun, timeout: float = 60) -> dict[str, Any]:
     """The run's final state (Completed, named after the outcome)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = flow_run(stack, run.flow_run_id)["state"]
-        if state["type"] in FINAL:
-            assert state["type"] == "COMPLETED", f"{state}\n{run.output()}"
-            return state
-        time.sleep(0.3)
-    raise AssertionError(f"promote did not finish within {timeout}s:\n{run.output()}")
+    try:
+        final = wait_final(stack, run.flow_run_id, timeout, interval=0.3)
+    except AssertionError as exc:
+        raise AssertionError(f"promote did not finish within {timeout}s: {exc}\n{run.output()}") from None
+    state = final["state"]
+    assert state["type"] == "COMPLETED", f"{state}\n{run.output()}"
+    return state
 
 
 def resume(stack: RunningStack, flow_run_id: str, run_input: dict[str, Any]) -> dict[str, Any]:

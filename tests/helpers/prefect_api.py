@@ -1,0 +1,59 @@
+"""Reads of the real Prefect server's REST API (what the UI shows), shared by the tests."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from tests.helpers.stack import RunningStack
+
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def api(stack: RunningStack, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    resp = httpx.request(method, f"{stack.ep.prefect_api_url}{path}", json=body, timeout=20)
+    resp.raise_for_status()
+    return resp.json() if resp.content else None
+
+
+def flow_run(stack: RunningStack, flow_run_id: str) -> dict[str, Any]:
+    return api(stack, "GET", f"/flow_runs/{flow_run_id}")
+
+
+def deployment_id(stack: RunningStack, flow: str, name: str) -> str:
+    return api(stack, "GET", f"/deployments/name/{flow}/{name}")["id"]
+
+
+def runs_of_flow(stack: RunningStack, flow_name: str, since: datetime) -> list[dict[str, Any]]:
+    """Every run of flow ``flow_name`` created since ``since`` (deployment runs and in-process ones)."""
+    body = {"flows": {"name": {"any_": [flow_name]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200}
+    runs = api(stack, "POST", "/flow_runs/filter", body)
+    return [r for r in runs if datetime.fromisoformat(r["created"]) >= since]
+
+
+def parent_flow_run_id(stack: RunningStack, run: dict[str, Any]) -> str | None:
+    """The flow run that started ``run`` as a subflow (through its parent task run)."""
+    if not run.get("parent_task_run_id"):
+        return None
+    return api(stack, "GET", f"/task_runs/{run['parent_task_run_id']}")["flow_run_id"]
+
+
+def artifacts_of(stack: RunningStack, flow_run_id: str) -> list[dict[str, Any]]:
+    return api(stack, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+
+
+def wait_final(stack: RunningStack, flow_run_id: str, timeout: float, interval: float = 2.0) -> dict[str, Any]:
+    """The flow run once its state is final; AssertionError naming its state after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = flow_run(stack, flow_run_id)
+        if run["state_type"] in FINAL:
+            return run
+        if time.monotonic() > deadline:
+            raise AssertionError(f"flow run {run['name']} ({flow_run_id}) still {run['state_name']} after {timeout:.0f}s")
+        time.sleep(interval)
+
+

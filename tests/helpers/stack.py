@@ -1,0 +1,62 @@
+"""The real stack and broker as tests reach them: the ``fabloop`` command line, endpoints, addresses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fabloop.infra.process import free_port
+from fabloop.infra.settings import StackEndpoints
+from fabloop.infra.stack import prefect_env
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def fabloop(*args: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real ``fabloop`` command line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fabloop.cli", *args],
+        env={**os.environ, "COLUMNS": "200", **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fabloop {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class RunningStack:
+    ep: StackEndpoints
+    env: dict[str, str]
+    up_seconds: float
+    up_output: str
+
+    @property
+    def kafka_conf(self) -> dict[str, str]:
+        return {"bootstrap.servers": self.ep.kafka_bootstrap_servers}
+
+
+def start_stack(home: Path, partitions: int = 3) -> RunningStack:
+    env = {"FABLOOP_HOME": str(home)}
+    args = [
+        "up", "--prefect-port", str(free_port()), "--mlflow-port", str(free_port()),
+        "--kafka-port", str(free_port()), "--partitions", str(partitions),
+    ]
+    t0 = time.monotonic()
+    out = fabloop(*args, env=env, timeout=240)
+    elapsed = time.monotonic() - t0
+    ep = StackEndpoints.load(home)
+    return RunningStack(ep=ep, env={**env, **prefect_env(ep)}, up_seconds=elapsed, up_output=out.stdout)
+
+
+@dataclass
+class Broker:
+    bootstrap: str
+
+    @property
+    def conf(self) -> dict[str, str]:
+        return {"bootstrap.servers": self.bootstrap}
