@@ -19,6 +19,10 @@ from fabloop.core.names import SUPERSEDED_TAG_PREFIX
 Decision = Literal["approved", "rejected", "refused", "timed_out", "superseded", "rolled_back"]
 DecisionRequest = Literal["approve", "reject"]
 
+# The reason recorded when nobody decided in time (also the message of the state
+# that takes the run back from its expired pause).
+TIMED_OUT_REASON = "approval timed out"
+
 
 class Answer(Protocol):
     """What an engineer submitted on the approval form (see ``ApprovalInput``)."""
@@ -96,7 +100,7 @@ def decision_markdown(
         "Choose **approve** or **reject** and give your name as it appears on the approver allowlist "
         f"(block `{policy_name}`); a comment is required to reject. Names are self-declared: every "
         "decision is recorded with it. Without a decision by "
-        f"{deadline.astimezone(UTC):%Y-%m-%d %H:%M} UTC the challenger is rejected (approval timed out).",
+        f"{deadline.astimezone(UTC):%Y-%m-%d %H:%M} UTC the challenger is rejected ({TIMED_OUT_REASON}).",
     ]
     return "\n".join(out) + "\n"
 
@@ -141,6 +145,22 @@ class PendingPromotion(BaseModel):
     @property
     def superseded_by(self) -> str | None:
         return superseded_by(self.tags)
+
+
+def version_key(version: str) -> int:
+    """Registry versions sort as numbers; anything else sorts before every real version."""
+    return int(version) if str(version).isdigit() else -1
+
+
+def newest_above(version: str, others: Sequence[str]) -> str | None:
+    """The newest of ``others`` if it is newer than ``version`` (then ``version`` is superseded), else None."""
+    newer = [o for o in others if version_key(o) > version_key(version)]
+    return max(newer, key=version_key) if newer else None
+
+
+def superseded_reason(version: str) -> str:
+    """The comment of a promotion ended because ``version`` started its own."""
+    return f"superseded by version {version}"
 
 
 def superseded_by(tags: Sequence[str]) -> str | None:

@@ -471,6 +471,16 @@ def _reason(
     return text
 
 
+def _no_verdict(
+    status: DriftStatus, reason: str, *, untested: list[str], features: list[FeatureDrift], common: dict[str, Any]
+) -> DriftResult:
+    """A result that judges nothing (window too small, nothing testable): never a breach."""
+    return DriftResult(
+        status=status, drifted=False, reason=reason, share=0.0, n_tested=0, n_drifted=0,
+        drifted_critical_sensors=[], untested=untested, features=features, **common,
+    )
+
+
 def check_drift(
     reference: pd.DataFrame,
     current: pd.DataFrame,
@@ -495,17 +505,10 @@ def check_drift(
         "evidently_version": _ev().version,
     }
     if len(current) < policy.min_window_rows:
-        return DriftResult(
-            status="window_too_small",
-            drifted=False,
-            reason=f"No verdict: the window has {len(current)} wafers, the policy needs at least {policy.min_window_rows}.",
-            share=0.0,
-            n_tested=0,
-            n_drifted=0,
-            drifted_critical_sensors=[],
-            untested=chosen,
-            features=[],
-            **common,
+        return _no_verdict(
+            "window_too_small",
+            f"No verdict: the window has {len(current)} wafers, the policy needs at least {policy.min_window_rows}.",
+            untested=chosen, features=[], common=common,
         )
 
     options = policy._evidently_options()
@@ -515,17 +518,10 @@ def check_drift(
     n_drifted = sum(r.drifted for r in tested)
     critical = [r.feature for r in tested if r.drifted and r.critical]
     if not tested:
-        return DriftResult(
-            status="no_testable_features",
-            drifted=False,
-            reason=f"No verdict: none of the {len(chosen)} sensors has enough finite values to test.",
-            share=0.0,
-            n_tested=0,
-            n_drifted=0,
-            drifted_critical_sensors=[],
-            untested=untested,
-            features=results,
-            **common,
+        return _no_verdict(
+            "no_testable_features",
+            f"No verdict: none of the {len(chosen)} sensors has enough finite values to test.",
+            untested=untested, features=results, common=common,
         )
     share = n_drifted / len(tested)
     drifted = share >= policy.drift_share or bool(critical)  # Evidently: share >= drift_share
@@ -578,8 +574,9 @@ def drift_report_html(
         per_column_method={k: v for k, v in policy.per_feature_stattest.items() if k in columns} or None,
         per_column_threshold={k: v for k, v in policy.per_feature_threshold.items() if k in columns} or None,
     )
-    snapshot = Report([preset], include_tests=True).run(current_data=current[columns], reference_data=reference[columns])
-    return snapshot.get_html_str(as_iframe=False)
+    report = Report([preset], include_tests=True)
+    snapshot = report.run(current_data=current[columns], reference_data=reference[columns])
+    return str(snapshot.get_html_str(as_iframe=False))
 
 
 # --------------------------------------------------------------------------- performance drift
@@ -613,7 +610,7 @@ def _as_float_array(values: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be numeric: {exc}") from exc
     if arr.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional")
-    return arr
+    return np.asarray(arr, dtype=float)
 
 
 def performance_drift(

@@ -276,10 +276,10 @@ class Replay:
 
     def __iter__(self) -> Iterator[tuple[datetime, Event]]:
         rows = self._rows
-        sensor_keys = ((ts, 0, int(line), i) for i, (ts, line) in enumerate(zip(rows.ts, rows.lines)))
+        sensor_keys = ((ts, 0, int(line), i) for i, (ts, line) in enumerate(zip(rows.ts, rows.lines, strict=True)))
         test_keys = (
             (ts + self.test_delay, 1, int(line), i)
-            for i, (ts, line, verdict) in enumerate(zip(rows.ts, rows.lines, rows.verdicts))
+            for i, (ts, line, verdict) in enumerate(zip(rows.ts, rows.lines, rows.verdicts, strict=True))
             if verdict is not None
         )
         for ts, kind, _, i in heapq.merge(sensor_keys, test_keys):
@@ -290,7 +290,8 @@ class Replay:
 
     def _sensor_event(self, i: int) -> SensorReading:
         rows, d = self._rows, self.columns.defaults
-        values = {name: (None if v != v else v) for name, v in zip(self._sensor_names, rows.sensors[i].tolist())}
+        row = rows.sensors[i].tolist()
+        values = {name: (None if v != v else v) for name, v in zip(self._sensor_names, row, strict=True)}
         return SensorReading(
             event_id=self._id(int(rows.lines[i]), "sensor"), ts=rows.ts[i], lot=_role(rows, "lot", i, d.lot),
             wafer=rows.roles["wafer"][i], fab=d.fab, tool=_role(rows, "tool", i, d.tool),
@@ -331,8 +332,8 @@ def replay_events(frame: pd.DataFrame, columns: ReplayColumns, *,
         keep[pos] = False
 
     blank = frame.isna().all(axis=1).to_numpy() if len(frame.columns) else np.zeros(len(frame), bool)
-    for pos in np.flatnonzero(blank):
-        add(int(pos), _ROW, "blank line")
+    for blank_pos in np.flatnonzero(blank):
+        add(int(blank_pos), _ROW, "blank line")
 
     ts, ts_problems = _timestamps(frame[columns.timestamp], columns)
     for pos, reason in ts_problems.items():
@@ -363,8 +364,8 @@ def replay_events(frame: pd.DataFrame, columns: ReplayColumns, *,
     matrix = np.empty((len(frame), len(sensor_names)), dtype=np.float64)
     for j, col in enumerate(sensor_names):
         matrix[:, j], non_numeric = _numbers(frame[col])
-        for pos in np.flatnonzero(non_numeric & ~blank):
-            add(int(pos), col, f"non-numeric sensor value {frame[col].iat[pos]!r}")
+        for bad_pos in np.flatnonzero(non_numeric & ~blank):
+            add(int(bad_pos), col, f"non-numeric sensor value {frame[col].iat[bad_pos]!r}")
     nonfinite = np.isinf(matrix)
     matrix[nonfinite] = np.nan
 
@@ -374,7 +375,7 @@ def replay_events(frame: pd.DataFrame, columns: ReplayColumns, *,
     rows = _Rows(
         lines=lines[order],
         ts=list(ts[order].to_pydatetime()),
-        roles={role: [values[p] for p in order] for role, values in roles.items()},  # type: ignore[misc]
+        roles={role: [values[p] for p in order] for role, values in roles.items()},
         sensors=matrix[order],
         verdicts=[verdicts[p] for p in order],
     )
@@ -398,7 +399,7 @@ def replay_events(frame: pd.DataFrame, columns: ReplayColumns, *,
 
 def _line_numbers(frame: pd.DataFrame) -> np.ndarray:
     if frame.index.name in _NUMBERING:
-        return frame.index.to_numpy(dtype=np.int64)
+        return np.asarray(frame.index.to_numpy(dtype=np.int64), dtype=np.int64)
     return np.arange(1, len(frame) + 1, dtype=np.int64)
 
 
@@ -478,7 +479,7 @@ def _names(series: pd.Series) -> list[str | None]:
 
 
 def _label_key(value: Any) -> str:
-    if isinstance(value, bool) or isinstance(value, np.bool_):
+    if isinstance(value, bool | np.bool_):
         return "true" if value else "false"
     if isinstance(value, (int, np.integer)):
         return str(int(value))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -23,7 +23,7 @@ from pydantic import (
     ValidationError,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
 
 SENSOR_TOPIC = "fab.sensor.readings"
@@ -96,7 +96,7 @@ class TestResult(_Event):
     parametrics: list[ParametricResult] = Field(default_factory=list)
 
 
-Event = Annotated[Union[SensorReading, TestResult], Field(discriminator="kind")]
+Event = Annotated[SensorReading | TestResult, Field(discriminator="kind")]
 _EVENT_ADAPTER: TypeAdapter[SensorReading | TestResult] = TypeAdapter(Event)
 
 

@@ -19,7 +19,7 @@ ScopeField = Literal["fab", "tool", "chamber", "recipe", "step"]
 
 class ModelSpec(BaseModel):
     name: str = Field(default="yield", pattern=r"^[A-Za-z0-9_.-]+$")
-    scope_by: list[ScopeField] = Field(default_factory=lambda: ["tool"], min_length=1)
+    scope_by: list[ScopeField] = Field(default_factory=lambda: list[ScopeField](["tool"]), min_length=1)
     step: str | None = Field(default=None, description="Only readings of this process step (None = all).")
     window_wafers: int = Field(default=200, ge=2)
     window_minutes: float = Field(default=1440.0, gt=0)

@@ -37,7 +37,7 @@ import math
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import numpy as np
@@ -125,7 +125,7 @@ class SimulationConfig(BaseModel):
     n_sensors: int = Field(default=40, ge=MIN_SENSORS, le=MAX_SENSORS)
     wafers: int = Field(default=2000, ge=1, description="Total wafers processed.")
     lot_size: int = Field(default=25, ge=1, le=99)
-    start: AwareDatetime = datetime(2025, 1, 6, 6, 0, tzinfo=timezone.utc)
+    start: AwareDatetime = datetime(2025, 1, 6, 6, 0, tzinfo=UTC)
     cadence_seconds: float = Field(default=90.0, gt=0, description="Simulated seconds between wafers, fab-wide.")
     test_delay_hours: float = Field(default=6.0, gt=0, description="Lot finish to first sort result.")
     test_jitter_hours: float = Field(default=2.0, ge=0, description="Extra uniform per-lot queueing delay.")
@@ -481,8 +481,7 @@ class _Generator:
         cfg, st = self.cfg, self.st
         n, m = len(lp.ts), len(st.names)
         rng = np.random.default_rng([cfg.seed, _S_LOT, lp.index])
-        tool = cfg.tools[lp.tool]
-        chambers = np.arange(n) % len(tool.chambers)
+        chambers = np.arange(n) % len(cfg.tools[lp.tool].chambers)
 
         # Process deviation (std units): shared factors + noise + chamber + ageing + PM.
         z_rand = rng.normal(size=(n, N_FACTORS)) @ st.loadings.T + rng.normal(size=(n, m)) * st.noise_sd
@@ -493,11 +492,45 @@ class _Generator:
         dev = z_rand + st.chamber_offset[lp.tool, chambers] + st.drift_slope[lp.tool, chambers] * age[:, None] + pm_off
         target = np.repeat(st.recipe_target[lp.recipe][None, :], n, axis=0)
         recipes = [cfg.recipes[lp.recipe]] * n
+        hits = self._process_drifts(lp, dev, z_rand, target, recipes)
 
-        g = lp.first_wafer + np.arange(n)
-        hits = []
+        # Sort outcome from the true process deviation (before sensor faults).
+        score, terms = _yield_score(dev[:, st.yield_cols])
+        q = score + rng.normal(0.0, st.eps_sd, n)
+        logit0 = math.log(cfg.yield_limit_pct / (100.0 - cfg.yield_limit_pct))
+        yield_pct = np.round(100.0 / (1.0 + np.exp(-(logit0 + _YIELD_SLOPE * (st.threshold - q)))), 2)
+        etch_depth = 850.0 + 12.0 * dev[:, st.yield_cols[4]] + rng.normal(0.0, 4.0, n)
+        cd_bias = 4.0 + 1.5 * dev[:, st.yield_cols[0]] + 1.0 * dev[:, st.yield_cols[2]] + rng.normal(0.0, 0.5, n)
+
+        # Reported physical values, then sensor faults.
+        phys = st.centre + st.scale * (target + dev)
+        phys[:, st.nonneg] = np.maximum(phys[:, st.nonneg], 0.0)
+        for dec in np.unique(st.decimals):
+            c = st.decimals == dec
+            phys[:, c] = np.round(phys[:, c], int(dec))
+        values = self._sensor_faults(lp, hits, phys)
+
+        ids = rng.bytes(32 * n)
+        test_at = (
+            float(lp.ts[-1])
+            + cfg.test_delay_hours * 3600.0
+            + rng.uniform(0.0, cfg.test_jitter_hours * 3600.0)
+            + np.arange(1, n + 1) * cfg.sort_seconds_per_wafer
+        )
+        readings = self._readings(lp, ids, chambers, recipes, values)
+        results = self._results(lp, ids, test_at, yield_pct, terms, etch_depth, cd_bias)
+        return readings, results
+
+    def _process_drifts(
+        self, lp: _LotPlan, dev: np.ndarray, z_rand: np.ndarray, target: np.ndarray, recipes: list[str]
+    ) -> list[np.ndarray | None]:
+        """Apply the injected process drifts in place; the wafers each injection hits (None: none)."""
+        cfg, st = self.cfg, self.st
+        g = lp.first_wafer + np.arange(len(lp.ts))
+        hits: list[np.ndarray | None] = []
         for i, d in enumerate(cfg.drifts):
-            if self.inj_tools[i] is not None and lp.tool not in self.inj_tools[i]:
+            tools = self.inj_tools[i]
+            if tools is not None and lp.tool not in tools:
                 hits.append(None)
                 continue
             rows = (g >= d.from_wafer) & (g < (d.until_wafer if d.until_wafer is not None else np.inf))
@@ -512,72 +545,65 @@ class _Generator:
                 dev[sel] += (d.magnitude - 1.0) * z_rand[sel]
             elif d.kind == "recipe_change":
                 target[sel] += d.magnitude * st.injection_dir[i]
-                for r in np.flatnonzero(rows):
-                    recipes[r] = d.new_recipe or f"{recipes[r]}-REV2"
+                for w in np.flatnonzero(rows):
+                    recipes[w] = d.new_recipe or f"{recipes[w]}-REV2"
+        return hits
 
-        # Sort outcome from the true process deviation (before sensor faults).
-        score, terms = _yield_score(dev[:, st.yield_cols])
-        q = score + rng.normal(0.0, st.eps_sd, n)
-        logit0 = math.log(cfg.yield_limit_pct / (100.0 - cfg.yield_limit_pct))
-        yield_pct = np.round(100.0 / (1.0 + np.exp(-(logit0 + _YIELD_SLOPE * (st.threshold - q)))), 2)
-        passed = yield_pct >= cfg.yield_limit_pct
-        etch_depth = 850.0 + 12.0 * dev[:, st.yield_cols[4]] + rng.normal(0.0, 4.0, n)
-        cd_bias = 4.0 + 1.5 * dev[:, st.yield_cols[0]] + 1.0 * dev[:, st.yield_cols[2]] + rng.normal(0.0, 0.5, n)
-
-        # Reported physical values, then sensor faults.
-        phys = st.centre + st.scale * (target + dev)
-        phys[:, st.nonneg] = np.maximum(phys[:, st.nonneg], 0.0)
-        for dec in np.unique(st.decimals):
-            c = st.decimals == dec
-            phys[:, c] = np.round(phys[:, c], int(dec))
+    def _sensor_faults(
+        self, lp: _LotPlan, hits: list[np.ndarray | None], phys: np.ndarray
+    ) -> list[list[float | None]]:
+        """Stuck and silent sensors on top of the reported values (a stuck sensor holds its first value)."""
         none_cells: list[tuple[int, int]] = []
-        for i, d in enumerate(cfg.drifts):
-            rows = hits[i]
-            if rows is None or d.kind not in ("stuck", "nan"):
+        for i, d in enumerate(self.cfg.drifts):
+            hit = hits[i]
+            if hit is None or d.kind not in ("stuck", "nan"):
                 continue
-            cols = st.injection_cols[i]
+            cols = self.st.injection_cols[i]
             if d.kind == "stuck":
-                held = self._stuck.setdefault((i, lp.tool), phys[np.flatnonzero(rows)[0], cols].copy())
-                phys[np.ix_(rows, cols)] = held
+                held = self._stuck.setdefault((i, lp.tool), phys[np.flatnonzero(hit)[0], cols].copy())
+                phys[np.ix_(hit, cols)] = held
             else:
-                none_cells.extend((int(r), int(c)) for r in np.flatnonzero(rows) for c in cols)
-
-        values = phys.tolist()
+                none_cells.extend((int(r), int(c)) for r in np.flatnonzero(hit) for c in cols)
+        values: list[list[float | None]] = phys.tolist()
         for r, c in none_cells:
             values[r][c] = None
-        ids = rng.bytes(32 * n)
-        start = cfg.start
-        lot_done = float(lp.ts[-1])
-        test_at = (
-            lot_done
-            + cfg.test_delay_hours * 3600.0
-            + rng.uniform(0.0, cfg.test_jitter_hours * 3600.0)
-            + np.arange(1, n + 1) * cfg.sort_seconds_per_wafer
-        )
-        readings, results = [], []
-        for k in range(n):
-            wafer = f"{lp.lot}-{k + 1:02d}"
-            readings.append(
-                SensorReading(
-                    event_id=str(uuid.UUID(bytes=ids[32 * k : 32 * k + 16], version=4)),
-                    ts=start + timedelta(seconds=float(lp.ts[k])),
-                    lot=lp.lot,
-                    wafer=wafer,
-                    fab=cfg.fab,
-                    tool=tool.name,
-                    chamber=tool.chambers[chambers[k]],
-                    recipe=recipes[k],
-                    step=cfg.step,
-                    sensors=dict(zip(st.names, values[k])),
-                )
+        return values
+
+    def _readings(
+        self, lp: _LotPlan, ids: bytes, chambers: np.ndarray, recipes: list[str], values: list[list[float | None]]
+    ) -> list[SensorReading]:
+        cfg, tool = self.cfg, self.cfg.tools[lp.tool]
+        return [
+            SensorReading(
+                event_id=str(uuid.UUID(bytes=ids[32 * k : 32 * k + 16], version=4)),
+                ts=cfg.start + timedelta(seconds=float(lp.ts[k])),
+                lot=lp.lot,
+                wafer=f"{lp.lot}-{k + 1:02d}",
+                fab=cfg.fab,
+                tool=tool.name,
+                chamber=tool.chambers[chambers[k]],
+                recipe=recipes[k],
+                step=cfg.step,
+                sensors=dict(zip(self.st.names, values[k], strict=True)),
             )
+            for k in range(len(lp.ts))
+        ]
+
+    def _results(
+        self, lp: _LotPlan, ids: bytes, test_at: np.ndarray, yield_pct: np.ndarray, terms: np.ndarray,
+        etch_depth: np.ndarray, cd_bias: np.ndarray,
+    ) -> list[TestResult]:
+        cfg = self.cfg
+        passed = yield_pct >= cfg.yield_limit_pct
+        results = []
+        for k in range(len(lp.ts)):
             ok = bool(passed[k])
             results.append(
                 TestResult(
                     event_id=str(uuid.UUID(bytes=ids[32 * k + 16 : 32 * k + 32], version=4)),
-                    ts=start + timedelta(seconds=float(test_at[k])),
+                    ts=cfg.start + timedelta(seconds=float(test_at[k])),
                     lot=lp.lot,
-                    wafer=wafer,
+                    wafer=f"{lp.lot}-{k + 1:02d}",
                     program=cfg.program,
                     stage="wafer_sort",
                     passed=ok,
@@ -597,7 +623,7 @@ class _Generator:
                     ],
                 )
             )
-        return readings, results
+        return results
 
 
 def simulate(config: SimulationConfig) -> Iterator[SensorReading | TestResult]:

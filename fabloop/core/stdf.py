@@ -276,7 +276,7 @@ class _Sink:
         rec_type, values = data
         handler = getattr(self, "_" + type(rec_type).__name__.lower(), None)
         if handler is not None:
-            handler(dict(zip(rec_type.fieldNames, values)))
+            handler(dict(zip(rec_type.fieldNames, values, strict=False)))  # a short record leaves fields unset
 
     def _mir(self, r: dict[str, Any]) -> None:
         self.mir, self.mir_offset = r, self.offset

@@ -80,7 +80,7 @@ class RetrainPolicy(BaseModel):
     seed: int = 42
 
     @model_validator(mode="after")
-    def _one_operating_point(self) -> "RetrainPolicy":
+    def _one_operating_point(self) -> RetrainPolicy:
         if (self.target_recall is None) == (self.threshold is None):
             raise ValueError("set exactly one of target_recall or threshold")
         if self.holdout_share + self.validation_share >= 0.8:
@@ -175,7 +175,7 @@ def gate_training_set(
     numeric = feats.astype("float64")
     inf_counts = np.isinf(numeric.to_numpy()).sum(axis=0)
     if inf_counts.any():
-        bad_inf = [f"{c!r} ({int(k)} rows)" for c, k in zip(feature_cols, inf_counts) if k][:10]
+        bad_inf = [f"{c!r} ({int(k)} rows)" for c, k in zip(feature_cols, inf_counts, strict=True) if k][:10]
         raise DataGateError(f"infinite values in features: {', '.join(bad_inf)}")
 
     missing_share = numeric.isna().mean()
@@ -323,6 +323,7 @@ def holdout_metrics(y_true: Sequence[int] | np.ndarray, y_score: Sequence[float]
     if policy.threshold is not None:
         thr = float(policy.threshold)
     else:
+        assert policy.target_recall is not None  # the policy's validator sets exactly one of the two
         thr = _threshold_for_recall(y_true, y_score, float(policy.target_recall))
     alarm = y_score >= thr
     tp = int((alarm & (y_true == 1)).sum())

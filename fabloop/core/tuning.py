@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -220,9 +220,8 @@ def lockstep_cv(
 
 def _quiet_lightgbm_thread() -> None:
     """LightGBM's log level is thread-local: silence it in each fold worker thread too."""
-    lgb.basic._safe_call(
-        lgb.basic._LIB.LGBM_DatasetUpdateParamChecking(lgb.basic._c_str("verbosity=-1"), lgb.basic._c_str("verbosity=-1"))
-    )
+    quiet = lgb.basic._c_str("verbosity=-1")
+    lgb.basic._safe_call(lgb.basic._LIB.LGBM_DatasetUpdateParamChecking(quiet, quiet))
 
 
 def _boost_one_round(booster: lgb.Booster) -> float:
@@ -280,7 +279,7 @@ class FinalModel:
         Xm = _as_matrix(X)
         if self.kind == "lightgbm":
             return np.asarray(self.model.predict(Xm, num_iteration=self.best_iteration))
-        return self.model.predict_proba(Xm)[:, 1]
+        return np.asarray(self.model.predict_proba(Xm)[:, 1], dtype=float)
 
 
 class TuneResult(BaseModel):
@@ -434,6 +433,7 @@ def tune(
     if n_complete == 0:
         raise RuntimeError(f"study {study.study_name!r}: no trial completed ({len(trials)} finished)")
     best = study.best_trial
+    assert best.value is not None  # a COMPLETE trial has its value
     lgbm_auc = float(best.value)
     base_auc = float(np.mean(base_aucs))
     return TuneResult(

@@ -34,10 +34,9 @@ def judge_challenger(
     if auc < base - policy.max_regression:
         ok = False
         reasons.append(f"regresses vs champion ({auc:.3f} < {base:.3f} − tolerance {policy.max_regression:.3f})")
-    if auc < base + policy.required_gain:
-        if policy.required_gain > 0:
-            ok = False
-            reasons.append(f"gain {auc - base:+.3f} short of the required {policy.required_gain:+.3f}")
+    if policy.required_gain > 0 and auc < base + policy.required_gain:
+        ok = False
+        reasons.append(f"gain {auc - base:+.3f} short of the required {policy.required_gain:+.3f}")
     if ok:
         reasons.append(f"vs champion {base:.3f}: {auc - base:+.3f}")
     return GateVerdict(passed=ok, reasons=reasons)
