@@ -70,12 +70,12 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from confluent_kafka import Consumer, KafkaError, KafkaException  # noqa: E402
+from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, TOPICS  # noqa: E402
-from fabloop.infra.process import ProcessManager, free_port, wait_until  # noqa: E402
-from fabloop.infra.stack import broker_command  # noqa: E402
-from fabloop.adapters.kafka import broker_healthy, ensure_topics, make_producer, publish_events  # noqa: E402
+from fabloop.adapters.kafka import broker_healthy, ensure_topics, make_producer, publish_events
+from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, TOPICS
+from fabloop.infra.process import ProcessManager, free_port, wait_until
+from fabloop.infra.stack import broker_command
 
 MB = 1024 * 1024
 # Same fetch sizing and prefetch queue as the Ingestor (IngestSettings.max_message_bytes = 1 MB).
@@ -195,11 +195,11 @@ def run_baseline(bootstrap: str, expected: int, readings: int, batch_size: int) 
 def run_fabloop(bootstrap: str, expected: int, readings: int, batch_size: int, workdir: Path) -> dict[str, Any]:
     from sqlalchemy import func, select
 
-    from fabloop.adapters.store.schema import IngestBatchRow, SensorReadingRow, TestResultRow, WindowRow, make_engine
+    from fabloop.adapters.ingestor import BatchStats, Ingestor, IngestSettings
+    from fabloop.adapters.store import IngestBatchRow, SensorReadingRow, TestResultRow, WindowRow, make_engine
     from fabloop.core.scopes import ModelCatalogValue
-    from fabloop.adapters.ingestor import BatchStats, IngestSettings, Ingestor
 
-    engine = make_engine(f"sqlite+aiosqlite:///{workdir / 'events.db'}")
+    engine = make_engine(f"sqlite+aiosqlite:///{workdir / 'events.db'}", pooled=True)
     progress = Progress(expected, readings)
     stop = threading.Event()
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from fabloop.adapters.store import make_engine
 
 DEFAULT = "default"
 
@@ -63,7 +66,22 @@ class FabloopDatabase(Block):
     _block_type_slug = "fabloop-database"
     _description = "SQLAlchemy URL of the event store, e.g. postgresql+asyncpg://user:pw@host/db."
 
-    url: SecretStr = Field(default=SecretStr("sqlite+aiosqlite:///fabloop.adapters.store.schema"))
+    url: SecretStr = Field(default=SecretStr("sqlite+aiosqlite:///fabloop.db"))
+
+    # One engine per block instance and pool kind, made on first use (like
+    # prefect-sqlalchemy's SqlAlchemyConnector.get_engine); never saved with the block.
+    # Keyed by URL too: ``model_copy(update={"url": ...})`` shares this dict.
+    _engines: dict[tuple[str, bool], AsyncEngine] = PrivateAttr(default_factory=dict)
 
     def sqlalchemy_url(self) -> str:
         return self.url.get_secret_value()
+
+    def get_engine(self, *, pooled: bool = False) -> AsyncEngine:
+        """The event store's engine: without a pool by default, so that one flow run's
+        tasks can use it from several event loops; ``pooled=True`` for one long-lived loop
+        (the ingestor)."""
+        key = (self.sqlalchemy_url(), pooled)
+        engine = self._engines.get(key)
+        if engine is None:
+            engine = self._engines[key] = make_engine(key[0], pooled=pooled)
+        return engine

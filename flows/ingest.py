@@ -18,23 +18,18 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
+from pydantic import SecretStr
 
-from fabloop.blocks import DEFAULT, FabloopDatabase, KafkaConnection, ModelCatalog
-from fabloop.adapters.store.schema import make_engine
 from fabloop.adapters.ingestor import BatchStats, ClosedWindow, Ingestor, IngestSettings
-
-WINDOW_CLOSED = "fabloop.window.closed"
-
-
-def model_resource(model: str) -> dict[str, str]:
-    return {"prefect.resource.id": f"fabloop.model.{model}", "prefect.resource.name": model}
+from fabloop.blocks import DEFAULT, FabloopDatabase, KafkaConnection, ModelCatalog, load_block
+from fabloop.core.names import WINDOW_CLOSED, window_resource
 
 
 def announce_window(window: ClosedWindow) -> None:
     """One Prefect event per closed window; the drift-check deployment is triggered by it."""
     emit_event(
         event=WINDOW_CLOSED,
-        resource={**model_resource(window.model), "fabloop.window.id": str(window.id)},
+        resource=window_resource(window.model, window.id),
         payload={
             "window_id": window.id,
             "model": window.model,
@@ -63,11 +58,14 @@ def ingest(
     this run only (e.g. to drain one cluster into another store).
     """
     logger = get_run_logger()
-    kafka = KafkaConnection.load(DEFAULT)
+    kafka = load_block(KafkaConnection)
     if bootstrap_servers:
         kafka = kafka.model_copy(update={"bootstrap_servers": bootstrap_servers})
-    database_url = database_url or FabloopDatabase.load(DEFAULT).sqlalchemy_url()
-    catalog = ModelCatalog.load(catalog_block).value()
+    # The ingestor keeps its connections for the whole run (a pooled engine), and
+    # migrates the store to the newest schema before its first batch.
+    database = FabloopDatabase(url=SecretStr(database_url)) if database_url else load_block(FabloopDatabase)
+    engine = database.get_engine(pooled=True)
+    catalog = load_block(ModelCatalog, catalog_block).value()
     name = consumer_name or f"ingest-{socket.gethostname()}-{os.getpid()}"
 
     stop = threading.Event()
@@ -81,7 +79,6 @@ def ingest(
     def on_batch(stats: BatchStats) -> None:
         logger.info("batch: %s", stats.line())
 
-    engine = make_engine(database_url)
     ingestor = Ingestor(
         kafka.client_config(), engine, catalog, group=kafka.consumer_group,
         settings=IngestSettings(batch_size=batch_size, consumer_name=name),
@@ -100,6 +97,7 @@ def ingest(
     )
     return {"consumed": totals.consumed, "stored": totals.stored, "dead_lettered": totals.dead_lettered,
             "duplicates": totals.duplicates, "windows_closed": totals.windows_closed}
+
 
 
 async def _run(ingestor: Ingestor, stop: threading.Event, max_idle: float | None) -> BatchStats:

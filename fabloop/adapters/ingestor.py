@@ -16,33 +16,21 @@ The order of a batch is what makes it safe:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import BaseModel, Field
-from sqlalchemy import insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fabloop.adapters.store.schema import (
-    DeadLetterRow,
-    IngestBatchRow,
-    SensorReadingRow,
-    TestResultRow,
-    WindowRow,
-    WindowWaferRow,
-    create_schema,
-    sessionmaker,
-    utcnow,
-)
+from fabloop.adapters.kafka import CLIENT_LOG
+from fabloop.adapters.store import ClosedWindow, IngestStore, utcnow
 from fabloop.core.schemas import (
     DEADLETTER_TOPIC,
     SENSOR_TOPIC,
@@ -52,13 +40,9 @@ from fabloop.core.schemas import (
     TestResult,
     parse_event,
 )
-from fabloop.core.scopes import ModelCatalogValue, ModelSpec
-from fabloop.adapters.kafka import CLIENT_LOG
+from fabloop.core.scopes import ModelCatalogValue
 
 log = logging.getLogger(__name__)
-
-INSERT_PAGE_ROWS = 50  # rows per multi-row INSERT statement (see _store_events)
-WINDOW_LOCK_ID = 7_301_733  # PostgreSQL advisory lock serialising window updates across ingestors
 
 
 class IngestSettings(BaseModel):
@@ -83,18 +67,6 @@ class DeadLetter:
     detail: str
 
 
-@dataclass(frozen=True)
-class ClosedWindow:
-    id: int
-    model: str
-    scope: dict[str, str]
-    wafer_count: int
-    ts_start: datetime | None
-    ts_end: datetime | None
-    offsets: dict[str, Any]
-    close_reason: str
-
-
 @dataclass
 class BatchStats:
     consumed: int = 0
@@ -105,7 +77,7 @@ class BatchStats:
     lag: int | None = None
     reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, other: "BatchStats") -> None:
+    def add(self, other: BatchStats) -> None:
         self.consumed += other.consumed
         self.stored += other.stored
         self.duplicates += other.duplicates
@@ -149,71 +121,6 @@ def classify(msg: Message, max_bytes: int) -> SensorReading | TestResult | DeadL
     return event
 
 
-def _insert(session: AsyncSession):
-    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
-
-
-def _sensor_row(msg: Message, ev: SensorReading, at: datetime) -> dict[str, Any]:
-    return {
-        "event_id": ev.event_id, "ts": ev.ts, "fab": ev.fab, "tool": ev.tool, "chamber": ev.chamber,
-        "recipe": ev.recipe, "step": ev.step, "lot": ev.lot, "wafer": ev.wafer,
-        "payload": msg.value().decode(), "topic": msg.topic(), "partition": msg.partition(),
-        "offset": msg.offset(), "ingested_at": at,
-    }
-
-
-def _test_row(msg: Message, ev: TestResult, at: datetime) -> dict[str, Any]:
-    return {
-        "event_id": ev.event_id, "ts": ev.ts, "lot": ev.lot, "wafer": ev.wafer, "program": ev.program,
-        "stage": ev.stage, "passed": ev.passed, "yield_pct": ev.yield_pct, "part_id": ev.part_id,
-        "hard_bin": ev.hard_bin, "soft_bin": ev.soft_bin, "payload": msg.value().decode(),
-        "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(), "ingested_at": at,
-    }
-
-
-async def _store_events(session: AsyncSession, table: type, rows: list[dict[str, Any]]) -> set[str]:
-    """Insert, skipping event ids already stored; returns the ids that were new.
-
-    Core inserts on the table (not the ORM class): the rows are plain dicts, and the
-    ORM's bulk layer would only add per-row bookkeeping we never use.
-
-    SQLite: the batch transaction holds the write lock from its start (``BEGIN
-    IMMEDIATE``), so the ids found stored by one indexed SELECT are exact, and the
-    new rows go in as one plain ``executemany`` (a prepared single-row statement).
-    That is ~30 % cheaper than ``INSERT … ON CONFLICT DO NOTHING RETURNING``, whose
-    multi-row statements SQLite parses and materialises page by page. A plain
-    insert also fails loudly if that reasoning were ever wrong.
-
-    PostgreSQL: several ingestors write at once, so the database decides which rows
-    are new (``ON CONFLICT DO NOTHING RETURNING``), in pages of ``INSERT_PAGE_ROWS``
-    so that the driver sees at most that many distinct statement texts.
-    """
-    if not rows:
-        return set()
-    core = table.__table__
-    if session.bind.dialect.name == "sqlite":
-        stored = set(
-            (await session.execute(select(core.c.event_id).where(core.c.event_id.in_([r["event_id"] for r in rows]))))
-            .scalars()
-        )
-        new: list[dict[str, Any]] = []
-        for row in rows:  # a producer retry can repeat an event within one batch
-            if row["event_id"] not in stored:
-                stored.add(row["event_id"])
-                new.append(row)
-        if new:
-            await session.execute(insert(core), new)
-        return {row["event_id"] for row in new}
-    stmt = (
-        postgresql.insert(core)
-        .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(core.c.event_id)
-        .execution_options(insertmanyvalues_page_size=INSERT_PAGE_ROWS)
-    )
-    result = await session.execute(stmt, rows)
-    return set(result.scalars().all())
-
-
 def _first_of_each(
     readings: list[tuple[Message, SensorReading]], new_ids: set[str]
 ) -> list[tuple[Message, SensorReading]]:
@@ -227,102 +134,6 @@ def _first_of_each(
             unseen.discard(ev.event_id)
             fresh.append((msg, ev))
     return fresh
-
-
-class WindowBook:
-    """Adds stored sensor readings to their scopes' open windows and closes full ones."""
-
-    def __init__(self, catalog: ModelCatalogValue) -> None:
-        self.catalog = catalog
-
-    def spec_for(self, model: str) -> ModelSpec | None:
-        for spec in self.catalog.models:
-            if model.startswith(spec.name + "-"):
-                return spec
-        return None
-
-    async def add(
-        self, session: AsyncSession, readings: list[tuple[Message, SensorReading]]
-    ) -> list[WindowRow]:
-        if not readings:
-            return []
-        if session.bind.dialect.name == "postgresql":
-            await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WINDOW_LOCK_ID})
-        by_model: dict[str, tuple[ModelSpec, dict[str, str], list[tuple[Message, SensorReading]]]] = {}
-        names: dict[tuple[int, tuple[str, ...]], str] = {}  # a batch has few scopes; name each once
-        for msg, ev in readings:
-            for i, spec in enumerate(self.catalog.models):
-                scope = spec.scope_of(ev)
-                if scope is None:
-                    continue
-                key = (i, tuple(scope.values()))
-                name = names.get(key)
-                if name is None:
-                    name = names[key] = spec.model_name(scope)
-                by_model.setdefault(name, (spec, scope, []))[2].append((msg, ev))
-        open_rows = {
-            w.model: w
-            for w in (
-                await session.execute(
-                    select(WindowRow).where(WindowRow.status == "open", WindowRow.model.in_(list(by_model)))
-                )
-            ).scalars()
-        }
-        closed: list[WindowRow] = []
-        members: list[dict[str, Any]] = []
-        for model, (spec, scope, items) in by_model.items():
-            items.sort(key=lambda it: it[1].ts)
-            window = open_rows.get(model)
-            i = 0
-            while i < len(items):
-                if window is None:
-                    window = WindowRow(model=model, scope=scope, status="open", opened_at=utcnow(), offsets={}, wafer_count=0)
-                    session.add(window)
-                    await session.flush()
-                # Fill this window in plain locals and write its row once: setting ORM
-                # attributes per reading costs more than the rest of the bookkeeping.
-                count, ts_start, ts_end = window.wafer_count, window.ts_start, window.ts_end
-                offsets = dict(window.offsets)
-                reason = None
-                while i < len(items) and reason is None:
-                    msg, ev = items[i]
-                    i += 1
-                    count += 1
-                    ts_start = ev.ts if ts_start is None or ev.ts < ts_start else ts_start
-                    ts_end = ev.ts if ts_end is None or ev.ts > ts_end else ts_end
-                    key, offset = f"{msg.topic()}:{msg.partition()}", msg.offset()
-                    lo, hi = offsets.get(key, (offset, offset))
-                    offsets[key] = [min(lo, offset), max(hi, offset)]
-                    members.append({"window_id": window.id, "event_id": ev.event_id})
-                    if count >= spec.window_wafers:
-                        reason = "wafer_count"
-                window.wafer_count, window.ts_start, window.ts_end, window.offsets = count, ts_start, ts_end, offsets
-                if reason:
-                    window.status, window.close_reason, window.closed_at = "closed", reason, utcnow()
-                    closed.append(window)
-                    window = None
-        await session.flush()
-        # One executemany for the memberships (the windows they point at exist by now).
-        if members:  # an empty list would execute one "INSERT ... DEFAULT VALUES"
-            await session.execute(insert(WindowWaferRow.__table__), members)
-        return closed
-
-    async def close_stale(self, session: AsyncSession) -> list[WindowRow]:
-        """Close windows that have been open longer than their spec's minutes of wall time."""
-        now = utcnow()
-        closed = []
-        for window in (await session.execute(select(WindowRow).where(WindowRow.status == "open"))).scalars():
-            spec = self.spec_for(window.model)
-            minutes = spec.window_minutes if spec else 60.0
-            if window.wafer_count > 0 and now - window.opened_at >= timedelta(minutes=minutes):
-                window.status, window.close_reason, window.closed_at = "closed", "wall_time", now
-                closed.append(window)
-        await session.flush()
-        return closed
-
-
-def _closed(w: WindowRow) -> ClosedWindow:
-    return ClosedWindow(w.id, w.model, dict(w.scope), w.wafer_count, w.ts_start, w.ts_end, dict(w.offsets), w.close_reason or "")
 
 
 class Ingestor:
@@ -340,8 +151,7 @@ class Ingestor:
     ) -> None:
         self.settings = settings or IngestSettings()
         self.engine = engine
-        self.sessions = sessionmaker(engine)
-        self.book = WindowBook(catalog)
+        self.store = IngestStore(engine, catalog)
         self.announce = announce
         self.on_batch = on_batch
         self.consumer = Consumer(
@@ -367,14 +177,17 @@ class Ingestor:
                 "fetch.queue.backoff.ms": 20,
             }
         )
-        self.producer = Producer({"logger": CLIENT_LOG, **kafka_conf, "linger.ms": 5, "message.max.bytes": self.settings.max_message_bytes * 4})
+        self.producer = Producer({
+            "logger": CLIENT_LOG, **kafka_conf, "linger.ms": 5,
+            "message.max.bytes": self.settings.max_message_bytes * 4,
+        })
         self.totals = BatchStats()
         self._pending: dict[tuple[str, int], int] = {}  # stored, not yet committed: high offset per partition
         self._last_durable = time.monotonic()
 
     async def run(self, stop: threading.Event, max_idle_s: float | None = None) -> BatchStats:
         """Consume until ``stop`` is set (or ``max_idle_s`` without messages); always ends cleanly."""
-        await self._ensure_schema()
+        await self.store.prepare()
         await self._announce_pending()
         self.consumer.subscribe([SENSOR_TOPIC, TEST_TOPIC])
         last_msg = time.monotonic()
@@ -416,16 +229,6 @@ class Ingestor:
             return True
         raise KafkaException(err)
 
-    async def _ensure_schema(self) -> None:
-        for attempt in range(5):
-            try:
-                await create_schema(self.engine)
-                return
-            except Exception:  # noqa: BLE001 - two ingestors racing to create tables
-                if attempt == 4:
-                    raise
-                await asyncio.sleep(0.5 + attempt)
-
     async def process_batch(self, msgs: list[Message]) -> BatchStats:
         stats = BatchStats(consumed=len(msgs))
         sensors: list[tuple[Message, SensorReading]] = []
@@ -442,33 +245,25 @@ class Ingestor:
                 tests.append((msg, verdict))
         self._dead_letter(dead)
         at = utcnow()
-        async with self.sessions() as session, session.begin():
-            new_sensor_ids = await _store_events(session, SensorReadingRow, [_sensor_row(m, e, at) for m, e in sensors])
-            new_test_ids = await _store_events(session, TestResultRow, [_test_row(m, e, at) for m, e in tests])
-            if dead:
-                await session.execute(
-                    _insert(session)(DeadLetterRow).on_conflict_do_nothing(),
-                    [
-                        {"topic": d.msg.topic(), "partition": d.msg.partition(), "offset": d.msg.offset(),
-                         "reason": d.reason, "detail": d.detail[:2000], "size": len(d.msg.value() or b""), "at": at}
-                        for d in dead
-                    ],
-                )
-            closed = await self.book.add(session, _first_of_each(sensors, new_sensor_ids))
+        async with self.store.batch() as batch:
+            new_sensor_ids = await batch.store_sensor_readings(sensors, at)
+            new_test_ids = await batch.store_test_results(tests, at)
+            await batch.record_dead_letters(dead, at)
+            closed_windows = await batch.add_to_windows(_first_of_each(sensors, new_sensor_ids))
             stats.stored = len(new_sensor_ids) + len(new_test_ids)
             stats.duplicates = len(sensors) + len(tests) - stats.stored
             stats.dead_lettered = len(dead)
-            stats.windows_closed = len(closed)
+            stats.windows_closed = len(closed_windows)
             stats.lag = self._lag()
-            session.add(IngestBatchRow(
+            batch.record_batch(
                 consumer=self.settings.consumer_name, consumed=stats.consumed, stored=stats.stored,
                 duplicates=stats.duplicates, dead_lettered=stats.dead_lettered,
                 windows_closed=stats.windows_closed, lag=stats.lag,
-            ))
-            closed_windows = [_closed(w) for w in closed]
+            )
         for m in msgs:
-            key = (m.topic(), m.partition())
-            self._pending[key] = max(self._pending.get(key, -1), m.offset())
+            # A consumed message (not an error event) always has its topic, partition and offset.
+            key = (m.topic() or "", m.partition() or 0)
+            self._pending[key] = max(self._pending.get(key, -1), m.offset() or 0)
         await self._commit_durable()
         await self._announce(closed_windows)
         return stats
@@ -492,7 +287,7 @@ class Ingestor:
                 headers=[
                     ("fabloop.reason", d.reason.encode()),
                     ("fabloop.detail", d.detail[:1000].encode()),
-                    ("fabloop.source.topic", d.msg.topic().encode()),
+                    ("fabloop.source.topic", (d.msg.topic() or "").encode()),
                     ("fabloop.source.partition", str(d.msg.partition()).encode()),
                     ("fabloop.source.offset", str(d.msg.offset()).encode()),
                     ("fabloop.source.size", str(len(value)).encode()),
@@ -518,10 +313,10 @@ class Ingestor:
         """
         if not self._pending:
             return
-        if self.engine.dialect.name == "sqlite":
+        if not self.store.durable_on_commit:
             if not final and time.monotonic() - self._last_durable < self.settings.durable_interval_s:
                 return
-            if not await self._checkpoint("FULL" if final else "PASSIVE"):
+            if not await self.store.checkpoint("FULL" if final else "PASSIVE"):
                 return  # readers still on older frames: try again after the next batch
             self._last_durable = time.monotonic()
         offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._pending.items()]
@@ -536,22 +331,6 @@ class Ingestor:
                 KafkaError._NO_OFFSET,
             ):
                 raise
-
-    async def _checkpoint(self, mode: str) -> bool:
-        """Run a SQLite WAL checkpoint; True when every frame reached the database file.
-
-        With ``synchronous=NORMAL`` SQLite fsyncs the WAL before a checkpoint and the
-        database after a complete one. ``PASSIVE`` never waits; ``FULL`` (on stop)
-        waits for readers and writers through the busy timeout.
-        """
-        async with self.engine.connect() as conn:
-            # The driver connection: a checkpoint must not run inside the BEGIN IMMEDIATE
-            # that SQLAlchemy's begin hook would open.
-            raw = await conn.get_raw_connection()
-            cursor = await raw.driver_connection.execute(f"PRAGMA wal_checkpoint({mode})")
-            busy, frames, checkpointed = await cursor.fetchone()
-            await cursor.close()
-        return busy == 0 and frames == checkpointed
 
     def _lag(self) -> int | None:
         try:
@@ -568,32 +347,20 @@ class Ingestor:
             return None
 
     async def _close_stale(self) -> None:
-        async with self.sessions() as session, session.begin():
-            if session.bind.dialect.name == "postgresql":
-                await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WINDOW_LOCK_ID})
-            closed = [_closed(w) for w in await self.book.close_stale(session)]
-        await self._announce(closed)
+        await self._announce(await self.store.close_stale_windows())
 
     async def _announce(self, windows: list[ClosedWindow]) -> None:
         if not windows or self.announce is None:
             return
         for w in windows:
             self.announce(w)
-        async with self.sessions() as session, session.begin():
-            await session.execute(
-                update(WindowRow).where(WindowRow.id.in_([w.id for w in windows])).values(announced=True)
-            )
+        await self.store.mark_announced([w.id for w in windows])
 
     async def _announce_pending(self) -> None:
         """Windows closed before a crash but never announced are announced now."""
         if self.announce is None:
             return
-        async with self.sessions() as session:
-            rows = (
-                await session.execute(select(WindowRow).where(WindowRow.status == "closed", WindowRow.announced.is_(False)))
-            ).scalars().all()
-            pending = [_closed(w) for w in rows]
-        await self._announce(pending)
+        await self._announce(await self.store.unannounced_windows())
 
 
 def utc(ts: float) -> datetime:

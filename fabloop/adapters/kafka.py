@@ -15,7 +15,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from fabloop.core.schemas import DEADLETTER_TOPIC, SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult
+from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult
 
 MAX_MESSAGE_BYTES = 1_000_000
 
@@ -55,8 +55,9 @@ _QUIET.propagate = False
 
 
 def broker_healthy(conf: dict[str, Any], timeout: float = 2.0) -> bool:
+    probe: dict[str, Any] = {**conf, "logger": _QUIET}  # librdkafka takes a Python logger here
     try:
-        AdminClient({**conf, "logger": _QUIET}).list_topics(timeout=timeout)
+        AdminClient(probe).list_topics(timeout=timeout)
         return True
     except KafkaException:
         return False

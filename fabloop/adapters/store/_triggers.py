@@ -16,7 +16,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fabloop.adapters.store.schema import RetrainTriggerRow, sessionmaker, utcnow
+from fabloop.adapters.store._engine import sessionmaker
+from fabloop.adapters.store._schema import RetrainTriggerRow, utcnow
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ async def decide_retrain(
     async with sessionmaker(engine)() as session, session.begin():
         if session.bind.dialect.name == "postgresql":
             await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(model.encode())})
-        started = select(RetrainTriggerRow).where(RetrainTriggerRow.model == model, RetrainTriggerRow.action == "started")
+        started = select(RetrainTriggerRow).where(
+            RetrainTriggerRow.model == model, RetrainTriggerRow.action == "started"
+        )
         newest = started.order_by(RetrainTriggerRow.at.desc()).limit(1)
         last = (await session.execute(newest)).scalar_one_or_none()
         # Cooldowns run per family: first trainings pace first trainings, and breach
@@ -68,7 +71,11 @@ async def decide_retrain(
         suppress: str | None = None
         if last is not None and last.finished_at is None and now - last.at < in_flight_timeout:
             suppress = f"retraining already in flight (trigger {last.id}, started {last.at:%Y-%m-%d %H:%M:%S} UTC)"
-        elif last_episode is not None and last_episode.finished_at is not None and now - last_episode.finished_at < cooldown:
+        elif (
+            last_episode is not None
+            and last_episode.finished_at is not None
+            and now - last_episode.finished_at < cooldown
+        ):
             until = last_episode.finished_at + cooldown
             suppress = f"cooldown after retraining (trigger {last_episode.id}) until {until:%Y-%m-%d %H:%M:%S} UTC"
         row = RetrainTriggerRow(
@@ -83,4 +90,19 @@ async def decide_retrain(
 
 async def attach_flow_run(engine: AsyncEngine, trigger_id: int, flow_run_id: str) -> None:
     async with engine.begin() as conn:
-        await conn.execute(update(RetrainTriggerRow).where(RetrainTriggerRow.id == trigger_id).values(flow_run_id=flow_run_id))
+        await conn.execute(
+            update(RetrainTriggerRow).where(RetrainTriggerRow.id == trigger_id).values(flow_run_id=flow_run_id)
+        )
+
+
+async def finish_trigger(engine: AsyncEngine, trigger_id: int, outcome: str) -> None:
+    """Close a started retraining; its cooldown starts now.
+
+    ``outcome``: ``challenger`` | ``rejected`` | ``refused`` | ``failed``.
+    """
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(RetrainTriggerRow)
+            .where(RetrainTriggerRow.id == trigger_id)
+            .values(finished_at=utcnow(), outcome=outcome)
+        )

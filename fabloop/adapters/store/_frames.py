@@ -15,7 +15,7 @@ import pandas as pd
 from sqlalchemy import Select, and_, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fabloop.adapters.store.schema import SensorReadingRow, TestResultRow, WindowRow, WindowWaferRow
+from fabloop.adapters.store._schema import SensorReadingRow, TestResultRow, WindowRow, WindowWaferRow
 from fabloop.core.scopes import ModelSpec
 
 META = ["event_id", "ts", "wafer", "lot", "tool", "chamber", "recipe"]
@@ -101,3 +101,11 @@ async def window_offsets(engine: AsyncEngine, window_ids: list[int]) -> dict[str
     async with engine.connect() as conn:
         rows = (await conn.execute(select(WindowRow.id, WindowRow.offsets).where(WindowRow.id.in_(window_ids)))).all()
     return {str(i): offsets for i, offsets in rows}
+
+
+async def latest_scope(engine: AsyncEngine, model: str) -> dict[str, str] | None:
+    """The scope of the model's newest window (None: nothing ingested for it yet)."""
+    newest = select(WindowRow.scope).where(WindowRow.model == model).order_by(WindowRow.id.desc()).limit(1)
+    async with engine.connect() as conn:
+        row = (await conn.execute(newest)).first()
+    return None if row is None else dict(row[0])

@@ -1,8 +1,11 @@
-"""fabloop's event store: the typed SQLAlchemy 2 schema and its engine.
+"""fabloop's event store: the typed SQLAlchemy 2 schema.
 
 One schema serves SQLite (aiosqlite, the embedded default) and PostgreSQL
 (asyncpg). Events are keyed by their event id so that a redelivered Kafka batch
 changes nothing; each row remembers the topic/partition/offset it came from.
+
+The tables themselves are created by the Alembic migrations (``migrations/``);
+these classes must stay in step with them (``schema_drift(url)`` compares both).
 """
 
 from __future__ import annotations
@@ -22,9 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
-    event,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -55,7 +56,17 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class SensorReadingRow(Base):
+class _Consumed:
+    """What a stored event keeps of its Kafka message: the JSON as received, where it came from, when."""
+
+    payload: Mapped[str] = mapped_column(Text, sort_order=1)
+    topic: Mapped[str] = mapped_column(String(255), sort_order=1)
+    partition: Mapped[int] = mapped_column(Integer, sort_order=1)
+    offset: Mapped[int] = mapped_column(BigInteger, sort_order=1)
+    ingested_at: Mapped[datetime] = mapped_column(default=utcnow, sort_order=1)
+
+
+class SensorReadingRow(_Consumed, Base):
     """One equipment-sensor event; ``payload`` is the validated event JSON as received."""
 
     __tablename__ = "sensor_readings"
@@ -69,16 +80,11 @@ class SensorReadingRow(Base):
     step: Mapped[str] = mapped_column(String(128))
     lot: Mapped[str] = mapped_column(String(128))
     wafer: Mapped[str] = mapped_column(String(128), index=True)
-    payload: Mapped[str] = mapped_column(Text)
-    topic: Mapped[str] = mapped_column(String(255))
-    partition: Mapped[int] = mapped_column(Integer)
-    offset: Mapped[int] = mapped_column(BigInteger)
-    ingested_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_sensor_tool_ts", "tool", "ts"),)
 
 
-class TestResultRow(Base):
+class TestResultRow(_Consumed, Base):
     """One test-data event (wafer-level when ``part_id`` is null)."""
 
     __test__ = False
@@ -95,11 +101,6 @@ class TestResultRow(Base):
     part_id: Mapped[str | None] = mapped_column(String(128))
     hard_bin: Mapped[int | None] = mapped_column(Integer)
     soft_bin: Mapped[int | None] = mapped_column(Integer)
-    payload: Mapped[str] = mapped_column(Text)
-    topic: Mapped[str] = mapped_column(String(255))
-    partition: Mapped[int] = mapped_column(Integer)
-    offset: Mapped[int] = mapped_column(BigInteger)
-    ingested_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class DeadLetterRow(Base):
@@ -228,47 +229,3 @@ class ApprovalRow(Base):
     previous_champion: Mapped[str | None] = mapped_column(String(32))
     decided_at: Mapped[datetime] = mapped_column(default=utcnow)
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
-
-
-def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
-    """An async engine for ``url``; SQLite gets WAL and a busy timeout for concurrent writers."""
-    is_sqlite = url.startswith("sqlite")
-    if is_sqlite:
-        kwargs.setdefault("connect_args", {"timeout": 60})
-    engine = create_async_engine(url, **kwargs)
-    if is_sqlite:
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # Let SQLAlchemy's "begin" hook below emit BEGIN, so that it can be IMMEDIATE.
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            # 32 MB of page cache instead of 2 MB: the event-id and wafer indexes take
-            # random inserts, and once they outgrow the cache every insert re-reads
-            # index pages (ingest slowed by a third over 100k SECOM-width events).
-            cur.execute("PRAGMA cache_size=-32768")
-            # Checkpoint the WAL every 64 MB instead of every 4 MB: an ingest batch of
-            # SECOM-width readings is ~6 MB, so the default checkpointed (and fsynced)
-            # after every batch; this cut ingest time by ~7 %. Durability is unchanged.
-            cur.execute("PRAGMA wal_autocheckpoint=16384")
-            cur.close()
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _begin(conn: Any) -> None:
-            # Take the write lock up front: two ingestors updating the same window
-            # then serialise instead of failing with "database is locked" mid-way.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
-
-
-async def create_schema(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
-
-
-def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
-    return async_sessionmaker(engine, expire_on_commit=False)

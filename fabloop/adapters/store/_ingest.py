@@ -1,0 +1,343 @@
+"""The ingestor's writes: one transaction per Kafka batch, windows, dead letters, durability.
+
+``fabloop.adapters.ingestor`` consumes and validates; everything it writes goes
+through ``IngestStore`` here. A batch is one transaction (``IngestStore.batch``):
+the good events (idempotent on event id), the dead letters, the new readings'
+window memberships (closing full windows) and the batch record commit together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol, cast
+
+from sqlalchemy import Table, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from fabloop.adapters.store._engine import sessionmaker
+from fabloop.adapters.store._migrate import migrate
+from fabloop.adapters.store._schema import (
+    Base,
+    DeadLetterRow,
+    IngestBatchRow,
+    SensorReadingRow,
+    TestResultRow,
+    WindowRow,
+    WindowWaferRow,
+    utcnow,
+)
+from fabloop.core.schemas import SensorReading, TestResult
+from fabloop.core.scopes import ModelCatalogValue, ModelSpec
+
+INSERT_PAGE_ROWS = 50  # rows per multi-row INSERT statement (see _store_events)
+WINDOW_LOCK_ID = 7_301_733  # PostgreSQL advisory lock serialising window updates across ingestors
+
+
+class SourceMessage(Protocol):
+    """What the store reads off a consumed Kafka message (``confluent_kafka.Message``)."""
+
+    def topic(self) -> Any: ...
+    def partition(self) -> Any: ...
+    def offset(self) -> Any: ...
+    def value(self) -> Any: ...
+
+
+class RefusedMessage(Protocol):
+    """A consumed message that failed validation, and why."""
+
+    @property
+    def msg(self) -> SourceMessage: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def detail(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ClosedWindow:
+    id: int
+    model: str
+    scope: dict[str, str]
+    wafer_count: int
+    ts_start: datetime | None
+    ts_end: datetime | None
+    offsets: dict[str, Any]
+    close_reason: str
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
+def _insert(session: AsyncSession) -> Any:
+    return postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert
+
+
+def _sensor_row(msg: SourceMessage, ev: SensorReading, at: datetime) -> dict[str, Any]:
+    return {
+        "event_id": ev.event_id, "ts": ev.ts, "fab": ev.fab, "tool": ev.tool, "chamber": ev.chamber,
+        "recipe": ev.recipe, "step": ev.step, "lot": ev.lot, "wafer": ev.wafer,
+        "payload": msg.value().decode(), "topic": msg.topic(), "partition": msg.partition(),
+        "offset": msg.offset(), "ingested_at": at,
+    }
+
+
+def _test_row(msg: SourceMessage, ev: TestResult, at: datetime) -> dict[str, Any]:
+    return {
+        "event_id": ev.event_id, "ts": ev.ts, "lot": ev.lot, "wafer": ev.wafer, "program": ev.program,
+        "stage": ev.stage, "passed": ev.passed, "yield_pct": ev.yield_pct, "part_id": ev.part_id,
+        "hard_bin": ev.hard_bin, "soft_bin": ev.soft_bin, "payload": msg.value().decode(),
+        "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(), "ingested_at": at,
+    }
+
+
+async def _store_events(session: AsyncSession, table: type[Base], rows: list[dict[str, Any]]) -> set[str]:
+    """Insert, skipping event ids already stored; returns the ids that were new.
+
+    Core inserts on the table (not the ORM class): the rows are plain dicts, and the
+    ORM's bulk layer would only add per-row bookkeeping we never use.
+
+    SQLite: the batch transaction holds the write lock from its start (``BEGIN
+    IMMEDIATE``), so the ids found stored by one indexed SELECT are exact, and the
+    new rows go in as one plain ``executemany`` (a prepared single-row statement).
+    That is ~30 % cheaper than ``INSERT … ON CONFLICT DO NOTHING RETURNING``, whose
+    multi-row statements SQLite parses and materialises page by page. A plain
+    insert also fails loudly if that reasoning were ever wrong.
+
+    PostgreSQL: several ingestors write at once, so the database decides which rows
+    are new (``ON CONFLICT DO NOTHING RETURNING``), in pages of ``INSERT_PAGE_ROWS``
+    so that the driver sees at most that many distinct statement texts.
+    """
+    if not rows:
+        return set()
+    core = cast(Table, table.__table__)
+    if _dialect(session) == "sqlite":
+        stored = set(
+            (await session.execute(select(core.c.event_id).where(core.c.event_id.in_([r["event_id"] for r in rows]))))
+            .scalars()
+        )
+        new: list[dict[str, Any]] = []
+        for row in rows:  # a producer retry can repeat an event within one batch
+            if row["event_id"] not in stored:
+                stored.add(row["event_id"])
+                new.append(row)
+        if new:
+            await session.execute(insert(core), new)
+        return {row["event_id"] for row in new}
+    stmt = (
+        postgresql.insert(core)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(core.c.event_id)
+        .execution_options(insertmanyvalues_page_size=INSERT_PAGE_ROWS)
+    )
+    result = await session.execute(stmt, rows)
+    return set(result.scalars().all())
+
+
+async def _lock_windows(session: AsyncSession) -> None:
+    if _dialect(session) == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WINDOW_LOCK_ID})
+
+
+class WindowBook:
+    """Adds stored sensor readings to their scopes' open windows and closes full ones."""
+
+    def __init__(self, catalog: ModelCatalogValue) -> None:
+        self.catalog = catalog
+
+    def spec_for(self, model: str) -> ModelSpec | None:
+        for spec in self.catalog.models:
+            if model.startswith(spec.name + "-"):
+                return spec
+        return None
+
+    async def add(
+        self, session: AsyncSession, readings: Sequence[tuple[SourceMessage, SensorReading]]
+    ) -> list[WindowRow]:
+        if not readings:
+            return []
+        await _lock_windows(session)
+        by_model: dict[str, tuple[ModelSpec, dict[str, str], list[tuple[SourceMessage, SensorReading]]]] = {}
+        names: dict[tuple[int, tuple[str, ...]], str] = {}  # a batch has few scopes; name each once
+        for msg, ev in readings:
+            for i, spec in enumerate(self.catalog.models):
+                scope = spec.scope_of(ev)
+                if scope is None:
+                    continue
+                key = (i, tuple(scope.values()))
+                name = names.get(key)
+                if name is None:
+                    name = names[key] = spec.model_name(scope)
+                by_model.setdefault(name, (spec, scope, []))[2].append((msg, ev))
+        open_rows = {
+            w.model: w
+            for w in (
+                await session.execute(
+                    select(WindowRow).where(WindowRow.status == "open", WindowRow.model.in_(list(by_model)))
+                )
+            ).scalars()
+        }
+        closed: list[WindowRow] = []
+        members: list[dict[str, Any]] = []
+        for model, (spec, scope, items) in by_model.items():
+            items.sort(key=lambda it: it[1].ts)
+            window = open_rows.get(model)
+            i = 0
+            while i < len(items):
+                if window is None:
+                    window = WindowRow(
+                        model=model, scope=scope, status="open", opened_at=utcnow(), offsets={}, wafer_count=0
+                    )
+                    session.add(window)
+                    await session.flush()
+                # Fill this window in plain locals and write its row once: setting ORM
+                # attributes per reading costs more than the rest of the bookkeeping.
+                count, ts_start, ts_end = window.wafer_count, window.ts_start, window.ts_end
+                offsets = dict(window.offsets)
+                reason = None
+                while i < len(items) and reason is None:
+                    msg, ev = items[i]
+                    i += 1
+                    count += 1
+                    ts_start = ev.ts if ts_start is None or ev.ts < ts_start else ts_start
+                    ts_end = ev.ts if ts_end is None or ev.ts > ts_end else ts_end
+                    partition, offset = f"{msg.topic()}:{msg.partition()}", msg.offset()
+                    lo, hi = offsets.get(partition, (offset, offset))
+                    offsets[partition] = [min(lo, offset), max(hi, offset)]
+                    members.append({"window_id": window.id, "event_id": ev.event_id})
+                    if count >= spec.window_wafers:
+                        reason = "wafer_count"
+                window.wafer_count, window.ts_start, window.ts_end, window.offsets = count, ts_start, ts_end, offsets
+                if reason:
+                    window.status, window.close_reason, window.closed_at = "closed", reason, utcnow()
+                    closed.append(window)
+                    window = None
+        await session.flush()
+        # One executemany for the memberships (the windows they point at exist by now).
+        if members:  # an empty list would execute one "INSERT ... DEFAULT VALUES"
+            await session.execute(insert(cast(Table, WindowWaferRow.__table__)), members)
+        return closed
+
+    async def close_stale(self, session: AsyncSession) -> list[WindowRow]:
+        """Close windows that have been open longer than their spec's minutes of wall time."""
+        now = utcnow()
+        closed = []
+        for window in (await session.execute(select(WindowRow).where(WindowRow.status == "open"))).scalars():
+            spec = self.spec_for(window.model)
+            minutes = spec.window_minutes if spec else 60.0
+            if window.wafer_count > 0 and now - window.opened_at >= timedelta(minutes=minutes):
+                window.status, window.close_reason, window.closed_at = "closed", "wall_time", now
+                closed.append(window)
+        await session.flush()
+        return closed
+
+
+def _closed(w: WindowRow) -> ClosedWindow:
+    return ClosedWindow(
+        w.id, w.model, dict(w.scope), w.wafer_count, w.ts_start, w.ts_end, dict(w.offsets), w.close_reason or ""
+    )
+
+
+class BatchWriter:
+    """The writes of one ingest batch, all inside the batch's transaction."""
+
+    def __init__(self, session: AsyncSession, book: WindowBook) -> None:
+        self.session = session
+        self.book = book
+
+    async def store_sensor_readings(
+        self, readings: Sequence[tuple[SourceMessage, SensorReading]], at: datetime
+    ) -> set[str]:
+        """Store the readings not stored before; returns their event ids."""
+        return await _store_events(self.session, SensorReadingRow, [_sensor_row(m, e, at) for m, e in readings])
+
+    async def store_test_results(self, results: Sequence[tuple[SourceMessage, TestResult]], at: datetime) -> set[str]:
+        """Store the test results not stored before; returns their event ids."""
+        return await _store_events(self.session, TestResultRow, [_test_row(m, e, at) for m, e in results])
+
+    async def record_dead_letters(self, dead: Sequence[RefusedMessage], at: datetime) -> None:
+        if not dead:
+            return
+        await self.session.execute(
+            _insert(self.session)(DeadLetterRow).on_conflict_do_nothing(),
+            [
+                {"topic": d.msg.topic(), "partition": d.msg.partition(), "offset": d.msg.offset(),
+                 "reason": d.reason, "detail": d.detail[:2000], "size": len(d.msg.value() or b""), "at": at}
+                for d in dead
+            ],
+        )
+
+    async def add_to_windows(self, readings: Sequence[tuple[SourceMessage, SensorReading]]) -> list[ClosedWindow]:
+        """Add newly stored readings (each once) to their windows; returns the windows this closed."""
+        return [_closed(w) for w in await self.book.add(self.session, readings)]
+
+    def record_batch(
+        self, consumer: str, consumed: int, stored: int, duplicates: int, dead_lettered: int,
+        windows_closed: int, lag: int | None,
+    ) -> None:
+        self.session.add(IngestBatchRow(
+            consumer=consumer, consumed=consumed, stored=stored, duplicates=duplicates,
+            dead_lettered=dead_lettered, windows_closed=windows_closed, lag=lag,
+        ))
+
+
+class IngestStore:
+    """The event store as one ingestor sees it (it keeps a pooled engine for its lifetime)."""
+
+    def __init__(self, engine: AsyncEngine, catalog: ModelCatalogValue) -> None:
+        self.engine = engine
+        self.sessions = sessionmaker(engine)
+        self.book = WindowBook(catalog)
+
+    @property
+    def durable_on_commit(self) -> bool:
+        """PostgreSQL fsyncs at commit; SQLite (``synchronous=NORMAL``) only at a checkpoint."""
+        return self.engine.dialect.name != "sqlite"
+
+    async def prepare(self) -> None:
+        """Bring the schema to head (the ingestor is the store's first writer)."""
+        await asyncio.to_thread(migrate, self.engine.url.render_as_string(hide_password=False))
+
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[BatchWriter]:
+        """One transaction for one Kafka batch; it commits when the block ends without error."""
+        async with self.sessions() as session, session.begin():
+            yield BatchWriter(session, self.book)
+
+    async def close_stale_windows(self) -> list[ClosedWindow]:
+        async with self.sessions() as session, session.begin():
+            await _lock_windows(session)
+            return [_closed(w) for w in await self.book.close_stale(session)]
+
+    async def mark_announced(self, window_ids: list[int]) -> None:
+        async with self.sessions() as session, session.begin():
+            await session.execute(update(WindowRow).where(WindowRow.id.in_(window_ids)).values(announced=True))
+
+    async def unannounced_windows(self) -> list[ClosedWindow]:
+        """Windows closed (before a crash, say) but never announced."""
+        async with self.sessions() as session:
+            unannounced = select(WindowRow).where(WindowRow.status == "closed", WindowRow.announced.is_(False))
+            rows = (await session.execute(unannounced)).scalars().all()
+            return [_closed(w) for w in rows]
+
+    async def checkpoint(self, mode: str) -> bool:
+        """Run a SQLite WAL checkpoint; True when every frame reached the database file.
+
+        With ``synchronous=NORMAL`` SQLite fsyncs the WAL before a checkpoint and the
+        database after a complete one. ``PASSIVE`` never waits; ``FULL`` (on stop)
+        waits for readers and writers through the busy timeout.
+        """
+        async with self.engine.connect() as conn:
+            # The driver connection: a checkpoint must not run inside the BEGIN IMMEDIATE
+            # that SQLAlchemy's begin hook would open.
+            raw = await conn.get_raw_connection()
+            assert raw.driver_connection is not None  # an open aiosqlite connection
+            cursor = await raw.driver_connection.execute(f"PRAGMA wal_checkpoint({mode})")
+            busy, frames, checkpointed = await cursor.fetchone()
+            await cursor.close()
+        return busy == 0 and frames == checkpointed
