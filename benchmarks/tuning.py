@@ -24,20 +24,16 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
+import lightgbm as lgb
 import numpy as np
+import optuna
 import pandas as pd
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import cross_val_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lightgbm as lgb  # noqa: E402
-import optuna  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
-from sklearn.model_selection import cross_val_score  # noqa: E402
-
-from fabloop.core.training import RetrainPolicy  # noqa: E402
-from fabloop.core.tuning import time_folds, tune  # noqa: E402
+from fabloop.core.training import RetrainPolicy
+from fabloop.core.tuning import time_folds, tune
 
 
 def make_secom_like(n_rows: int, n_features: int, fail_rate: float, seed: int) -> tuple[pd.DataFrame, np.ndarray]:

@@ -1,28 +1,58 @@
-"""The MLflow model registry as fabloop uses it: aliases name the roles.
+"""MLflow as fabloop uses it: training runs, the model registry's roles, reference data, reports.
 
-``champion`` is the version in production, ``challenger`` the candidate waiting
-for a decision, ``previous`` the champion before the last promotion (the target
-of a rollback). Decisions are also written to the version's tags (prefix
-``fabloop.``), so the MLflow UI shows who promoted a version, when and why.
+Aliases name the roles: ``champion`` is the version in production, ``challenger``
+the candidate waiting for a decision, ``previous`` the champion before the last
+promotion (the target of a rollback). Decisions are also written to the version's
+tags (prefix ``fabloop.``), so the MLflow UI shows who promoted a version, when and why.
+
+The champion's training-set sensors are logged with its run as
+``reference/sensors.parquet``: that snapshot *is* the drift reference of its scope,
+so moving the ``champion`` alias moves the reference with it.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
+import mlflow
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow import MlflowClient  # re-exported: callers name the client type without importing mlflow
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.pandas_dataset import from_pandas
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from pydantic import BaseModel
 
-if TYPE_CHECKING:  # importing mlflow costs seconds; a CLI listing only needs the URLs
-    from mlflow import MlflowClient
-    from mlflow.entities.model_registry import ModelVersion
-    from mlflow.exceptions import MlflowException
+from fabloop.core.names import CHALLENGER, CHAMPION, PREVIOUS
+from fabloop.core.tuning import FinalModel, TrialRecord
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-PREVIOUS = "previous"
+__all__ = [
+    "CHALLENGER", "CHAMPION", "MAX_TAG_VALUE", "MODEL_KIND_TAG", "PREVIOUS", "REFERENCE_ARTIFACT", "TAG_PREFIX",
+    "MlflowClient", "ModelVersion", "RegistryError", "Scorer", "VersionInfo", "alias_version", "aliases",
+    "artifact_url", "client", "describe", "drop_alias_if_on", "experiment_name", "get_version", "load_scorer",
+    "log_feature_importance", "log_html", "log_metrics", "log_model", "log_params", "log_reference",
+    "log_training_data", "log_trial", "promote_to_champion", "reference_frame", "register_version",
+    "rollback_champion", "run_id_of", "run_of", "run_url", "set_alias", "set_run_tags", "set_tags", "start_run",
+    "use_experiment", "version_url",
+]
 
+REFERENCE_ARTIFACT = "reference/sensors.parquet"
+MODEL_KIND_TAG = "fabloop.model_kind"
+BASELINE_SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
 TAG_PREFIX = "fabloop."
 # Longest comment kept in a tag (the approvals table keeps all of it).
 MAX_TAG_VALUE = 5000
@@ -43,13 +73,20 @@ class VersionInfo(BaseModel):
     tags: dict[str, str]
 
 
-def client(tracking_uri: str) -> MlflowClient:
-    from mlflow import MlflowClient
+# --- connection and links --------------------------------------------------------------
 
+def client(tracking_uri: str) -> MlflowClient:
+    """A client for the tracking server, also set as the process's tracking URI.
+
+    The fluent API (``mlflow.start_run``, ``log_model``, the child processes MLflow
+    spawns) reads the URI from the process, the client from its argument.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def version_url(tracking_uri: str, model: str, version: str) -> str:
+def version_url(tracking_uri: str, model: str, version: str | int) -> str:
     """The model version page in the MLflow UI."""
     return f"{tracking_uri.rstrip('/')}/#/models/{quote(model, safe='')}/versions/{version}"
 
@@ -58,30 +95,44 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def artifact_url(tracking_uri: str, run_id: str, artifact_path: str) -> str:
+    """A direct link to an artifact served by the tracking server."""
+    return f"{tracking_uri.rstrip('/')}/get-artifact?path={artifact_path}&run_uuid={run_id}"
+
+
+# --- registry: versions and aliases ----------------------------------------------------
+
 def _missing(exc: MlflowException) -> bool:
     return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
-def get_version(mlflow: MlflowClient, model: str, version: str) -> ModelVersion:
+def get_version(ml: MlflowClient, model: str, version: str) -> ModelVersion:
     """The version, or a :class:`RegistryError` naming the model and version."""
-    from mlflow.exceptions import MlflowException
-
     try:
-        return mlflow.get_model_version(model, str(version))
+        return ml.get_model_version(model, str(version))
     except MlflowException as exc:
         if _missing(exc):
             raise RegistryError(f"model {model!r} has no version {version!r} in the registry") from None
         raise
 
 
-def describe(mlflow: MlflowClient, model: str, version: str) -> VersionInfo:
-    from mlflow.exceptions import MlflowException
+def run_id_of(version: ModelVersion) -> str:
+    """The training run of a registered version (fabloop registers only versions logged by a run)."""
+    if not version.run_id:
+        raise RegistryError(f"model {version.name!r} version {version.version} has no training run")
+    return str(version.run_id)
 
-    mv = get_version(mlflow, model, version)
+
+def run_of(ml: MlflowClient, version: ModelVersion) -> Run:
+    return ml.get_run(run_id_of(version))
+
+
+def describe(ml: MlflowClient, model: str, version: str) -> VersionInfo:
+    mv = get_version(ml, model, version)
     experiment_id = None
     if mv.run_id:
         try:
-            experiment_id = mlflow.get_run(mv.run_id).info.experiment_id
+            experiment_id = ml.get_run(mv.run_id).info.experiment_id
         except MlflowException:
             experiment_id = None  # the run was deleted: the version page still works
     return VersionInfo(
@@ -90,12 +141,10 @@ def describe(mlflow: MlflowClient, model: str, version: str) -> VersionInfo:
     )
 
 
-def aliases(mlflow: MlflowClient, model: str) -> dict[str, str]:
+def aliases(ml: MlflowClient, model: str) -> dict[str, str]:
     """Every alias of ``model`` and the version it names (one registry call)."""
-    from mlflow.exceptions import MlflowException
-
     try:
-        registered = mlflow.get_registered_model(model)
+        registered = ml.get_registered_model(model)
     except MlflowException as exc:
         if _missing(exc):
             raise RegistryError(f"model {model!r} is not in the registry") from None
@@ -103,61 +152,234 @@ def aliases(mlflow: MlflowClient, model: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in (registered.aliases or {}).items()}
 
 
-def alias_version(mlflow: MlflowClient, model: str, alias: str) -> str | None:
-    """The version carrying ``alias``, or None when no version has it."""
-    return aliases(mlflow, model).get(alias)
+def alias_version(ml: MlflowClient, model: str, alias: str) -> ModelVersion | None:
+    """The version carrying ``alias``; None when the model or the alias does not exist.
+
+    Any other registry failure (server down, bad credentials) propagates: a scope
+    must not be judged "without champion" because MLflow was unreachable.
+    """
+    try:
+        version = aliases(ml, model).get(alias)
+    except RegistryError:
+        return None
+    return None if version is None else ml.get_model_version(model, version)
 
 
-def set_tags(mlflow: MlflowClient, model: str, version: str, tags: dict[str, object]) -> None:
+def register_version(model_uri: str, model: str, tags: Mapping[str, str]) -> ModelVersion:
+    """A new version of ``model`` from a logged model, with ``tags`` (created with the version)."""
+    return mlflow.register_model(model_uri, model, tags=dict(tags))
+
+
+def set_alias(ml: MlflowClient, model: str, alias: str, version: str) -> None:
+    ml.set_registered_model_alias(model, alias, str(version))
+
+
+def set_tags(ml: MlflowClient, model: str, version: str, tags: dict[str, object]) -> None:
     """Write ``fabloop.<key>`` tags on a version (None values are skipped)."""
     for key, value in tags.items():
         if value is None:
             continue
         text = value.isoformat() if isinstance(value, datetime) else str(value)
-        mlflow.set_model_version_tag(model, str(version), f"{TAG_PREFIX}{key}", text[:MAX_TAG_VALUE])
+        ml.set_model_version_tag(model, str(version), f"{TAG_PREFIX}{key}", text[:MAX_TAG_VALUE])
 
 
-def drop_alias_if_on(mlflow: MlflowClient, model: str, alias: str, version: str) -> None:
+def drop_alias_if_on(ml: MlflowClient, model: str, alias: str, version: str) -> None:
     """Remove ``alias`` only if it still names ``version`` (a newer challenger keeps its alias)."""
-    if alias_version(mlflow, model, alias) == str(version):
-        mlflow.delete_registered_model_alias(model, alias)
+    if aliases(ml, model).get(alias) == str(version):
+        ml.delete_registered_model_alias(model, alias)
 
 
-def promote_to_champion(mlflow: MlflowClient, model: str, version: str) -> str | None:
+def promote_to_champion(ml: MlflowClient, model: str, version: str) -> str | None:
     """Make ``version`` the champion; the champion it replaces keeps the ``previous`` alias.
 
     The ``champion`` alias moves in a single registry call, so a reader never sees
     a model without a champion. Returns the replaced champion's version (None for
     a model's first champion).
     """
-    get_version(mlflow, model, version)
-    before = alias_version(mlflow, model, CHAMPION)
+    get_version(ml, model, version)
+    before = aliases(ml, model).get(CHAMPION)
     if before is not None and before != str(version):
-        mlflow.set_registered_model_alias(model, PREVIOUS, before)
-    mlflow.set_registered_model_alias(model, CHAMPION, str(version))
-    drop_alias_if_on(mlflow, model, CHALLENGER, version)
+        ml.set_registered_model_alias(model, PREVIOUS, before)
+    ml.set_registered_model_alias(model, CHAMPION, str(version))
+    drop_alias_if_on(ml, model, CHALLENGER, version)
     return before if before != str(version) else None
 
 
-def rollback_champion(mlflow: MlflowClient, model: str) -> tuple[str, str]:
+def rollback_champion(ml: MlflowClient, model: str) -> tuple[str, str]:
     """Move ``champion`` back to ``previous``; returns (demoted, restored) versions.
 
     Afterwards ``previous`` names the champion the restored version had replaced
     (read from its ``fabloop.previous_champion`` tag), so rollbacks can walk back
     the promotion history; without that tag the alias is removed.
     """
-    current = alias_version(mlflow, model, CHAMPION)
-    restored = alias_version(mlflow, model, PREVIOUS)
+    named = aliases(ml, model)
+    current, restored = named.get(CHAMPION), named.get(PREVIOUS)
     if restored is None:
         raise RegistryError(f"model {model!r} has no version with alias {PREVIOUS!r}: nothing to roll back to")
     if current is None:
         raise RegistryError(f"model {model!r} has no version with alias {CHAMPION!r}: nothing to roll back")
     if current == restored:
         raise RegistryError(f"model {model!r}: {CHAMPION!r} and {PREVIOUS!r} are both on version {current}")
-    mlflow.set_registered_model_alias(model, CHAMPION, restored)
-    before_restored = describe(mlflow, model, restored).tags.get(f"{TAG_PREFIX}previous_champion")
+    ml.set_registered_model_alias(model, CHAMPION, restored)
+    before_restored = describe(ml, model, restored).tags.get(f"{TAG_PREFIX}previous_champion")
     if before_restored and before_restored not in (restored, current):
-        mlflow.set_registered_model_alias(model, PREVIOUS, before_restored)
+        ml.set_registered_model_alias(model, PREVIOUS, before_restored)
     else:
-        mlflow.delete_registered_model_alias(model, PREVIOUS)
+        ml.delete_registered_model_alias(model, PREVIOUS)
     return current, restored
+
+
+# --- tracking: experiments, logged models, reference data, reports ---------------------
+
+def experiment_name(model: str, purpose: str) -> str:
+    return f"fabloop/{model}/{purpose}"
+
+
+def use_experiment(model: str, purpose: str) -> str:
+    return mlflow.set_experiment(experiment_name(model, purpose)).experiment_id
+
+
+@contextmanager
+def start_run(run_name: str, experiment_id: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+    """An MLflow run, active for the logging calls below (and nested trial runs) until the block ends.
+
+    Without ``experiment_id`` the run goes to the experiment :func:`use_experiment` set.
+    """
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        if tags:
+            mlflow.set_tags(dict(tags))
+        yield run.info.run_id
+
+
+def set_run_tags(tags: Mapping[str, str]) -> None:
+    mlflow.set_tags(dict(tags))
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    mlflow.log_params(dict(params))
+
+
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    mlflow.log_metrics(dict(metrics))
+
+
+def log_training_data(train: pd.DataFrame, model: str, scope: Mapping[str, str], data_digest: str, label: str) -> None:
+    """The training rows as the run's input dataset, traced back to the event store by scope and hash."""
+    source = CodeDatasetSource(tags={"fabloop.source": "event store", "fabloop.model": model,
+                                     "fabloop.scope": json.dumps(scope), "fabloop.data_hash": data_digest})
+    dataset = from_pandas(train, source=source, targets=label, name=f"{model}-train",
+                                      digest=data_digest[:36])
+    mlflow.log_input(dataset, context="training")
+
+
+def log_trial(trial: TrialRecord, study: str) -> None:
+    """One Optuna trial as a nested run under the active training run."""
+    with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
+        mlflow.log_params({k: v for k, v in trial.params.items()})
+        mlflow.set_tags({"fabloop.trial_state": trial.state, "fabloop.study": study})
+        metrics = {"duration_s": trial.duration_s}
+        if trial.cv_auc is not None:
+            metrics["cv_roc_auc"] = trial.cv_auc
+        for i, auc in enumerate(trial.fold_aucs):
+            metrics[f"fold_{i}_roc_auc"] = auc
+        mlflow.log_metrics(metrics)
+
+
+def _requirements(flavour_defaults: list[str], *packages: str) -> list[str]:
+    """MLflow's pinned requirements for the flavour, plus what feeds the model, pinned too."""
+    return [*flavour_defaults, *(f"{name}=={package_version(name)}" for name in (*packages, "numpy", "pandas"))]
+
+
+def log_model(final: FinalModel, example: pd.DataFrame) -> str:
+    """Log the trained model with signature and input example; returns its model URI."""
+    example = example[final.feature_names].head(5)
+    signature = infer_signature(example, final.predict_score(example))
+    # Requirements are named, not inferred: inference reloads the model in a fresh
+    # interpreter to watch its imports, ~13 s per retraining for a list known here.
+    if final.kind == "lightgbm":
+        requirements = _requirements(mlflow.lightgbm.get_default_pip_requirements(), "scikit-learn")
+        info = mlflow.lightgbm.log_model(final.model, name="model", signature=signature, input_example=example,
+                                         pip_requirements=requirements)
+    else:
+        # MLflow saves sklearn models with skops, which refuses to load any type not on
+        # its allowlist; the baseline pipeline (imputer, scaler, logistic regression)
+        # keeps a numpy dtype, so without this the baseline could never be logged.
+        requirements = _requirements(mlflow.sklearn.get_default_pip_requirements(include_skops=True))
+        info = mlflow.sklearn.log_model(final.model, name="model", signature=signature, input_example=example,
+                                        skops_trusted_types=BASELINE_SKOPS_TRUSTED_TYPES, pip_requirements=requirements)
+    mlflow.set_tag(MODEL_KIND_TAG, final.kind)
+    mlflow.log_dict({"features": final.feature_names, "best_iteration": final.best_iteration}, "features.json")
+    return str(info.model_uri)
+
+
+def log_reference(frame: pd.DataFrame) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sensors.parquet"
+        frame.reset_index(drop=True).to_parquet(path)
+        mlflow.log_artifact(str(path), artifact_path="reference")
+
+
+def log_feature_importance(final: FinalModel, top: int = 25) -> None:
+    """A PNG of what the model leans on (gain for LightGBM, |coefficient| for the baseline)."""
+    if final.kind == "lightgbm":
+        values = final.model.feature_importance(importance_type="gain")
+        label = "total gain"
+    else:
+        values = np.abs(final.model[-1].coef_[0])
+        label = "|coefficient| (standardised)"
+    imp = pd.Series(values, index=final.feature_names).sort_values(ascending=False).head(top)[::-1]
+    # A bare Figure, not pyplot: no process-wide backend or figure registry in a worker.
+    fig = Figure(figsize=(7, 0.28 * len(imp) + 1.2))
+    ax = fig.subplots()
+    ax.barh(imp.index, imp.values, color="#3b6ea8")
+    ax.set_xlabel(label)
+    ax.set_title(f"Top {len(imp)} sensors")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "feature_importance.png")
+
+
+def log_html(html: str, artifact_file: str) -> None:
+    mlflow.log_text(html, artifact_file)
+
+
+@dataclass
+class Scorer:
+    """A registered version, loaded for scoring wafers (probability of failing)."""
+
+    version: ModelVersion
+    kind: str
+    model: Any
+    feature_names: list[str]
+    best_iteration: int | None = None
+
+    def score(self, frame: pd.DataFrame) -> np.ndarray:
+        missing = [c for c in self.feature_names if c not in frame.columns]
+        if missing:
+            raise KeyError(f"model version {self.version.version} needs sensors the data lacks: {missing[:10]}")
+        X = frame[self.feature_names].to_numpy(dtype="float64")
+        if self.kind == "lightgbm":
+            return np.asarray(self.model.predict(X, num_iteration=self.best_iteration))
+        return np.asarray(self.model.predict_proba(X)[:, 1])
+
+
+def load_scorer(client: MlflowClient, version: ModelVersion) -> Scorer:
+    run = run_of(client, version)
+    kind = run.data.tags.get(MODEL_KIND_TAG, "lightgbm")
+    uri = f"models:/{version.name}/{version.version}"
+    meta = mlflow.artifacts.load_dict(f"runs:/{run_id_of(version)}/features.json")
+    model = mlflow.lightgbm.load_model(uri) if kind == "lightgbm" else mlflow.sklearn.load_model(uri)
+    return Scorer(version, kind, model, list(meta["features"]), meta.get("best_iteration"))
+
+
+def reference_frame(client: MlflowClient, version: ModelVersion, cache_dir: Path | None = None) -> pd.DataFrame:
+    """The training-set sensors of a registered version (cached on disk per run)."""
+    run_id = run_id_of(version)
+    cache = (cache_dir or Path(tempfile.gettempdir()) / "fabloop-reference") / run_id
+    path = cache / "sensors.parquet"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=REFERENCE_ARTIFACT, dst_path=str(cache)
+        )
+        path = Path(local)
+    return pd.read_parquet(path)

@@ -49,7 +49,8 @@ def test_champion_without_drift_or_performance_verdict_is_quiet() -> None:
 
 
 def test_small_window_with_a_champion_takes_the_data_verdict() -> None:
-    v = judge_window("etch-ch1", 5, POLICY, champion="3", data=_data(False, status="window_too_small", reason="5 < 100"))
+    small = _data(False, status="window_too_small", reason="5 < 100")
+    v = judge_window("etch-ch1", 5, POLICY, champion="3", data=small)
     assert (v.status, v.breach, v.trigger_kind) == ("window_too_small", False, None)
 
 

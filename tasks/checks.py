@@ -1,0 +1,163 @@
+"""Tasks of a drift check: one closed window judged against its champion's training set.
+
+Tasks that take the event store's engine or an MLflow client, and tasks that publish,
+do not cache (``NO_CACHE``): an engine or a client cannot be hashed into a cache key,
+their result depends on what the store and the registry hold now, and a publication
+must happen each time it is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pandas as pd
+from prefect import runtime, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from fabloop.adapters import registry, store
+from fabloop.adapters.registry import MlflowClient, ModelVersion
+from fabloop.core.drift import (
+    DriftPolicy,
+    DriftResult,
+    PerformanceDriftResult,
+    check_drift,
+    drift_report_html,
+    performance_drift,
+)
+from fabloop.core.names import CHAMPION, artifact_key
+from fabloop.core.reports import drift_markdown
+from fabloop.core.verdict import WindowVerdict
+
+
+@dataclass(frozen=True)
+class WindowCheck:
+    """A judged window: the verdict and what it rests on, as recorded and published."""
+
+    window_id: int
+    model: str
+    wafers: int
+    verdict: WindowVerdict
+    data: DriftResult | None = None
+    performance: PerformanceDriftResult | None = None
+    reference: str | None = None
+    report_url: str | None = None
+
+
+@task(name="already checked", cache_policy=NO_CACHE)
+def already_checked(engine: AsyncEngine, window_id: int) -> int | None:
+    """The window's earlier check: window events are delivered at least once, a window is judged once."""
+    return store.run_sync(store.already_checked(engine, window_id))
+
+
+@task(name="load window", cache_policy=NO_CACHE)
+def load_window_frame(engine: AsyncEngine, window_id: int) -> tuple[dict[str, Any], pd.DataFrame]:
+    window = store.run_sync(store.load_window(engine, window_id))
+    frame = store.run_sync(store.window_frame(engine, window_id))
+    return {"model": window.model, "scope": window.scope, "wafer_count": window.wafer_count,
+            "ts_start": window.ts_start, "ts_end": window.ts_end}, frame
+
+
+@task(name="find champion", cache_policy=NO_CACHE)
+def find_champion(client: MlflowClient, model: str) -> ModelVersion | None:
+    return registry.alias_version(client, model, CHAMPION)
+
+
+@task(name="load reference", cache_policy=NO_CACHE)
+def load_reference(client: MlflowClient, champion: ModelVersion) -> pd.DataFrame:
+    """The champion's training-set sensors: the drift reference of its scope."""
+    return registry.reference_frame(client, champion)
+
+
+@task(name="data drift")
+def data_drift(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy) -> DriftResult:
+    features = [c for c in store.sensor_columns(current) if c in reference.columns]
+    return check_drift(reference[features], current[features], policy, features=features)
+
+
+@task(name="performance drift", cache_policy=NO_CACHE)
+def model_performance(
+    client: MlflowClient, champion: ModelVersion, current: pd.DataFrame, policy: DriftPolicy
+) -> PerformanceDriftResult | None:
+    """The champion on the window's labelled wafers vs its own holdout (None: no verdict possible)."""
+    labelled = current[current[store.LABEL].notna()]
+    if len(labelled) < policy.min_labelled_wafers:
+        return None
+    run = registry.run_of(client, champion)
+    ref_auc = run.data.metrics.get("holdout_roc_auc")
+    ref_fail = run.data.metrics.get("holdout_fail_rate")
+    if ref_auc is None or ref_fail is None:
+        return None
+    cal_score = run.data.metrics.get("calibration_mean_score", run.data.metrics.get("holdout_mean_score", ref_fail))
+    cal_fail = run.data.metrics.get("calibration_fail_rate", ref_fail)
+    try:
+        scores = registry.load_scorer(client, champion).score(labelled)
+    except KeyError:
+        return None
+    return performance_drift(
+        labelled[store.LABEL].to_numpy(), scores, ref_auc, cal_fail, policy, score_bias=cal_score - cal_fail
+    )
+
+
+@task(name="publish drift report", cache_policy=NO_CACHE)
+def publish_report(
+    model: str, window_id: int, reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy,
+    data: DriftResult, performance: PerformanceDriftResult | None, tracking_uri: str,
+) -> str:
+    """The full Evidently report, kept as an artifact of the model's monitoring run; returns its URL."""
+    tested = [f.feature for f in data.features if f.status == "ok"]
+    html = drift_report_html(reference[tested], current[tested], policy, features=tested)
+    # The experiment by id, not as mlflow's process-wide "active experiment": when two
+    # checks create it at once, the loser's set_experiment returns without activating it.
+    experiment_id = registry.use_experiment(model, "monitoring")
+    with registry.start_run(f"drift-window-{window_id}", experiment_id=experiment_id) as run_id:
+        registry.set_run_tags({"fabloop.model": model, "fabloop.window_id": str(window_id)})
+        registry.log_metrics({"drift_share": data.share, "drifted_sensors": data.n_drifted})
+        if performance and performance.roc_auc is not None:
+            registry.log_metrics({"window_roc_auc": performance.roc_auc})
+        path = f"drift/window-{window_id}.html"
+        registry.log_html(html, path)
+        return registry.artifact_url(tracking_uri, run_id, path)
+
+
+@task(name="record check", cache_policy=NO_CACHE)
+def record_check(engine: AsyncEngine, check: WindowCheck) -> int:
+    """Store the window's verdict and its sensors' statistics; returns the check id."""
+    flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
+    verdict, data, performance = check.verdict, check.data, check.performance
+    row = store.DriftCheckRow(
+        window_id=check.window_id, model=check.model, flow_run_id=flow_run_id, status=verdict.status,
+        drifted=verdict.drifted, performance_breach=verdict.performance_breach, share=data.share if data else None,
+        reason=verdict.reason, reference=check.reference, report_url=check.report_url,
+        detail={"performance": performance.model_dump() if performance else None, "wafers": check.wafers},
+    )
+    return store.run_sync(store.record_check(engine, row, data.features if data else ()))
+
+
+@task(name="publish verdict", cache_policy=NO_CACHE)
+def publish_verdict(check: WindowCheck) -> None:
+    """The verdict as the model's ``drift-<model>`` artifact in the Prefect UI."""
+    create_markdown_artifact(
+        key=artifact_key("drift", check.model), description=f"Drift verdict, window {check.window_id}",
+        markdown=drift_markdown(check.model, check.window_id, check.verdict.reason, check.data, check.performance,
+                                check.report_url),
+    )
+
+
+@task(name="decide retraining", cache_policy=NO_CACHE)
+def decide_retrain(
+    engine: AsyncEngine, model: str, verdict: WindowVerdict, cooldown_minutes: float, window_id: int, check_id: int,
+) -> store.TriggerDecision:
+    """Record a retrain trigger: started, or suppressed (in flight, or cooling down)."""
+    return store.run_sync(store.decide_retrain(
+        engine, model, verdict.reason, timedelta(minutes=cooldown_minutes), window_id=window_id, check_id=check_id,
+        kind=verdict.trigger_kind or "drift",
+    ))
+
+
+@task(name="attach retraining run", cache_policy=NO_CACHE)
+def attach_flow_run(engine: AsyncEngine, trigger_id: int, flow_run_id: str) -> None:
+    store.run_sync(store.attach_flow_run(engine, trigger_id, flow_run_id))
