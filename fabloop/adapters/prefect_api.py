@@ -24,10 +24,11 @@ from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.input import RunInput
+from prefect.states import Running
 from pydantic import ConfigDict, Field
 
-from fabloop.core.approval import PendingPromotion
-from fabloop.core.names import PROMOTION_TAG, model_tag
+from fabloop.core.approval import TIMED_OUT_REASON, PendingPromotion, superseded_reason
+from fabloop.core.names import PROMOTION_TAG, SYSTEM_APPROVER, model_tag
 
 # --- the form ---------------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ def add_flow_run_tags(flow_run_id: str | UUID, tags: Sequence[str]) -> list[str]
 
 
 def flow_run_tags(flow_run_id: str | UUID) -> list[str]:
-
+    """The run's tags as they are now (a superseding run adds ``superseded-by:N``)."""
     with get_client(sync_client=True) as client:
         return list(client.read_flow_run(UUID(str(flow_run_id))).tags or [])
 
@@ -111,7 +112,6 @@ def resume_promotion(
     This is the same call the Prefect UI's Resume button makes, and the server
     validates the input against the same schema.
     """
-
     run_input = ApprovalInput.model_construct(decision=decision, approver=approver, comment=comment)
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(UUID(str(flow_run_id)))
@@ -130,7 +130,6 @@ def wait_for_outcome(flow_run_id: str | UUID, left_state_id: str, timeout: float
 
     Returns None if neither happened within ``timeout`` seconds.
     """
-
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
@@ -139,3 +138,41 @@ def wait_for_outcome(flow_run_id: str | UUID, left_state_id: str, timeout: float
                 return state
             time.sleep(0.5)
     return None
+
+
+# --- what a promotion run does to its own and to older runs ---------------------------------
+
+
+def wake_superseded(flow_run_id: str | UUID, version: str, wait: float = 30.0) -> bool:
+    """Resume a superseded run once it is paused (it may still be preparing its form).
+
+    The run is resumed as a rejection by the system approver; it ends itself because
+    of its ``superseded-by:`` tag, never because of that input. Returns False when it
+    did not pause within ``wait`` seconds (it ends when it next checks its tags).
+    """
+    deadline = time.monotonic() + wait
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(UUID(str(flow_run_id))).state
+            if state is None or state.is_final():
+                return True
+            if state.is_paused():
+                try:
+                    resume_promotion(flow_run_id, "reject", SYSTEM_APPROVER, superseded_reason(version))
+                    return True
+                except ResumeRefused:
+                    pass  # resumed by someone else meanwhile: it will see its tag when it wakes
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
+
+
+def reclaim_expired_pause(flow_run_id: str | UUID) -> None:
+    """Take the run back from its expired pause so that it can record the timeout and complete.
+
+    The server refuses every transition out of an expired pause (it turns them into
+    Failed), which would make an ordinary outcome look like a crash to the parent
+    retraining run; the forced Running state is what a resume would have set.
+    """
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(UUID(str(flow_run_id)), Running(message=TIMED_OUT_REASON), force=True)
