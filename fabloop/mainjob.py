@@ -23,12 +23,35 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.deployments import run_deployment
 from rich.console import Console
 
-from fabloop.infra.settings import StackEndpoints
+from fabloop.adapters import registry
+from fabloop.adapters.kafka import make_producer, publish_events
+from fabloop.adapters.prefect_api import pending_promotions, resume_promotion, wait_for_outcome
+from fabloop.adapters.store import LoopSummary, engine_for, loop_summary, run_sync
+from fabloop.blocks import DEFAULT, ApprovalPolicy, load_block
+from fabloop.core.names import CHAMPION, INGEST_DEPLOYMENT
+from fabloop.core.publishing import parse_drift_spec
+from fabloop.core.simulate import SimulationConfig, simulate
+from fabloop.deployments import deploy, deployment_name
+from fabloop.infra.bootstrap import prefect_api
+from fabloop.infra.settings import StackEndpoints, prefect_env
+from fabloop.infra.stack import Stack
 
 BOOTSTRAP_APPROVER = "fabloop-bootstrap"
 TOOLS = ("ETCH-01", "ETCH-02", "ETCH-03")
@@ -79,31 +102,20 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, interval: float =
 
 
 def _ensure_ingest_running() -> str:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        DeploymentFilter,
-        DeploymentFilterName,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.deployments import run_deployment
-
     with get_client(sync_client=True) as client:
         active = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["ingest"])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name(INGEST_DEPLOYMENT)])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
                 any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED]))),
         )
     if active:
         return str(active[0].id)
-    return str(run_deployment("ingest/ingest", timeout=0).id)
+    started = run_deployment(INGEST_DEPLOYMENT, timeout=0)
+    assert isinstance(started, FlowRun)  # typed maybe-a-coroutine; called from sync code it returns the run
+    return str(started.id)
 
 
 def _publish(ep: StackEndpoints, events: Iterator[Any]) -> int:
-    from fabloop.adapters.kafka import make_producer, publish_events
-
     stats = publish_events(make_producer({"bootstrap.servers": ep.kafka_bootstrap_servers}), events)
     if stats.failed:
         raise RuntimeError(f"{stats.failed} events could not be published")
@@ -115,50 +127,38 @@ def _split_phase(events: Iterator[Any], first_wafer_of_phase2: str) -> tuple[lis
     head: list[Any] = []
     for event in events:
         if getattr(event, "kind", "") == "sensor" and event.wafer == first_wafer_of_phase2:
-            def rest() -> Iterator[Any]:
-                yield event
-                yield from events
-            return head, rest()
+            return head, chain([event], events)
         head.append(event)
     return head, iter(())
 
 
-def _champions(tracking_uri: str, models: list[str]) -> dict[str, str | None]:
-    from fabloop.adapters import tracking
+def _is_champion(tracking_uri: str, model: str, version: str) -> bool:
+    return _champions(tracking_uri, [model])[model] == version
 
-    client = tracking.connect(tracking_uri)
-    out = {}
+
+def _champions(tracking_uri: str, models: list[str]) -> dict[str, str | None]:
+    client = registry.client(tracking_uri)
+    out: dict[str, str | None] = {}
     for m in models:
-        mv = tracking.alias_version(client, m, tracking.CHAMPION)
+        mv = registry.alias_version(client, m, CHAMPION)
         out[m] = mv.version if mv else None
     return out
 
 
 def run_main_job(ep: StackEndpoints, cfg: MainJobConfig, console: Console) -> dict[str, Any]:
-    from fabloop.infra.deploy import deploy
-    from fabloop.infra.stack import Stack, prefect_env
-
     tl = Timeline()
     timings = Stack(ep).up(log=lambda m: console.print(f"  {m}", highlight=False))
     tl.mark(console, f"stack healthy ({timings})")
     os.environ.update(prefect_env(ep))
     deploy(ep)
     tl.mark(console, "deployments, triggers and blocks registered (prefect.yaml)")
-    from fabloop.infra.bootstrap import prefect_api
-
-    # Prefect read its settings when `up` imported it: point this process's client
-    # at the stack explicitly rather than trusting the environment.
+    # Prefect read its settings when this module imported it: point this process's
+    # client at the stack explicitly rather than trusting the environment.
     with prefect_api(ep):
         return _loop(ep, cfg, console, tl)
 
 
 def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline) -> dict[str, Any]:
-
-    from fabloop.adapters import prefect_api as approvals
-    from fabloop.adapters import tracking
-    from fabloop.core.publishing import parse_drift_spec
-    from fabloop.core.simulate import SimulationConfig, simulate
-
     _allow_approvers(tl, console, [BOOTSTRAP_APPROVER, *([cfg.approve_as] if cfg.approve_as else [])])
     run_no = _next_run_number(ep)
     models = [f"yield-{t}" for t in TOOLS]
@@ -181,13 +181,15 @@ def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline
     tl.mark(console, f"ingest flow running ({ep.prefect_ui_url}/runs/flow-run/{ingest_run})")
 
     if bootstrap:
-        tl.mark(console, f"bootstrap: no champion yet for {', '.join(bootstrap)} — first trainings follow their first windows")
+        tl.mark(console, f"bootstrap: no champion yet for {', '.join(bootstrap)} — "
+                         "first trainings follow their first windows")
         for model in bootstrap:
-            pending = _wait(f"the first challenger of {model}", lambda m=model: approvals.pending_promotions(m), cfg.timeout_s)
+            pending = _wait(f"the first challenger of {model}", partial(pending_promotions, model), cfg.timeout_s)
             p = pending[0]
-            _decide(p.flow_run_id, BOOTSTRAP_APPROVER, "bootstrap: initial champion approved by the main job (fabloop run)")
+            _decide(p.flow_run_id, BOOTSTRAP_APPROVER,
+                    "bootstrap: initial champion approved by the main job (fabloop run)")
             _wait(f"{model} v{p.version} as champion",
-                  lambda m=model, v=p.version: _champions(ep.mlflow_tracking_uri, [m])[m] == v, 120, 1.0)
+                  partial(_is_champion, ep.mlflow_tracking_uri, model, p.version), 120, 1.0)
             tl.mark(console, f"bootstrap: {model} v{p.version} approved as initial champion by {BOOTSTRAP_APPROVER}")
     else:
         tl.mark(console, f"champions already in place ({champions}); no bootstrap")
@@ -199,7 +201,7 @@ def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline
                      f"{cfg.drift_sensors} sensors of {cfg.drift_tool} from wafer {first_drift_wafer}")
 
     def challenger_paused() -> Any:
-        found = [p for p in approvals.pending_promotions(drift_model) if p.version != champion_before]
+        found = [p for p in pending_promotions(drift_model) if p.version != champion_before]
         return found[0] if found else None
 
     paused = _wait(f"a drift-triggered challenger of {drift_model} awaiting approval", challenger_paused, cfg.timeout_s)
@@ -209,15 +211,15 @@ def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline
     tl.mark(console, f"breach: {summary['breach_reason']}")
     tl.mark(console, f"retraining: challenger {drift_model} v{paused.version} — {summary['metrics_line']}")
     tl.mark(console, f"[bold]paused for approval[/bold]: {ep.prefect_ui_url}/runs/flow-run/{paused.flow_run_id}")
-    tl.mark(console, f"model in MLflow: {tracking.version_url(ep.mlflow_tracking_uri, drift_model, paused.version)}")
+    tl.mark(console, f"model in MLflow: {registry.version_url(ep.mlflow_tracking_uri, drift_model, paused.version)}")
     result = {"model": drift_model, "version": paused.version, "promote_flow_run": paused.flow_run_id,
               "paused_run_url": f"{ep.prefect_ui_url}/runs/flow-run/{paused.flow_run_id}",
-              "model_url": tracking.version_url(ep.mlflow_tracking_uri, drift_model, paused.version),
+              "model_url": registry.version_url(ep.mlflow_tracking_uri, drift_model, paused.version),
               "seconds": round(time.monotonic() - tl.t0, 1), **summary}
     if cfg.approve_as:
         _decide(paused.flow_run_id, cfg.approve_as, "approved by fabloop run --approve-as")
         _wait(f"{drift_model} v{paused.version} as champion",
-              lambda: _champions(ep.mlflow_tracking_uri, [drift_model])[drift_model] == paused.version, 120, 1.0)
+              partial(_is_champion, ep.mlflow_tracking_uri, drift_model, paused.version), 120, 1.0)
         tl.mark(console, f"approved by {cfg.approve_as}: {drift_model} v{paused.version} is champion")
         result["champion"] = paused.version
     else:
@@ -227,9 +229,7 @@ def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline
 
 def _allow_approvers(tl: Timeline, console: Console, names: list[str]) -> None:
     """The main job approves as these names: they must be on the approval allowlist."""
-    from fabloop.blocks import DEFAULT, ApprovalPolicy
-
-    policy = ApprovalPolicy.load(DEFAULT)
+    policy = load_block(ApprovalPolicy)
     missing = [n for n in names if not policy.allows(n)]
     if missing:
         policy.approvers = [*policy.approvers, *missing]
@@ -239,46 +239,28 @@ def _allow_approvers(tl: Timeline, console: Console, names: list[str]) -> None:
 
 def _decide(flow_run_id: str, approver: str, comment: str) -> None:
     """Resume a paused promotion with an approval, and fail loudly if it was refused."""
-    from fabloop.adapters import prefect_api as approvals
-
-    left = approvals.resume_promotion(flow_run_id, "approve", approver, comment)
-    state = approvals.wait_for_outcome(flow_run_id, left, timeout=120)
+    left = resume_promotion(flow_run_id, "approve", approver, comment)
+    state = wait_for_outcome(flow_run_id, left, timeout=120)
     if state is None or state.is_paused():
         raise RuntimeError(f"approval of flow run {flow_run_id} as {approver!r} was not accepted "
                            f"({state.message if state else 'no new state within 120 s'})")
 
 
 def _summarise(ep: StackEndpoints, model: str, version: str, promote_run: str) -> dict[str, Any]:
-    import asyncio
+    async def counts() -> LoopSummary:
+        async with engine_for(ep.database_url) as engine:
+            return await loop_summary(engine, model)
 
-    from sqlalchemy import func, select
-
-    from fabloop.adapters.store.schema import DriftCheckRow, RetrainTriggerRow, make_engine
-    from fabloop.adapters import tracking
-
-    async def counts() -> tuple[int, int, int, str]:
-        engine = make_engine(ep.database_url)
-        try:
-            async with engine.connect() as conn:
-                checks = (await conn.execute(select(func.count()).select_from(DriftCheckRow))).scalar_one()
-                breaches = (await conn.execute(select(func.count()).select_from(DriftCheckRow).where(
-                    (DriftCheckRow.drifted.is_(True)) | (DriftCheckRow.performance_breach.is_(True))))).scalar_one()
-                suppressed = (await conn.execute(select(func.count()).select_from(RetrainTriggerRow).where(
-                    RetrainTriggerRow.action == "suppressed"))).scalar_one()
-                reason = (await conn.execute(select(RetrainTriggerRow.reason).where(
-                    RetrainTriggerRow.model == model, RetrainTriggerRow.action == "started",
-                    RetrainTriggerRow.kind != "first_training").order_by(RetrainTriggerRow.id.desc()).limit(1))).scalar()
-        finally:
-            await engine.dispose()
-        return checks, breaches, suppressed, reason or "?"
-
-    checks, breaches, suppressed, reason = asyncio.run(counts())
-    client = tracking.connect(ep.mlflow_tracking_uri)
-    mv = client.get_model_version(model, version)
+    summary = run_sync(counts())
+    reason = summary.breach_reason or "?"
+    client = registry.client(ep.mlflow_tracking_uri)
+    mv = registry.get_version(client, model, version)
+    if not mv.run_id:
+        raise RuntimeError(f"{model} version {version} has no training run in MLflow")
     metrics = client.get_run(mv.run_id).data.metrics
     ch = metrics.get("holdout_roc_auc")
     champ = metrics.get("champion_holdout_roc_auc")
     line = f"holdout ROC-AUC {ch:.3f}" + (f" vs champion {champ:.3f} on the same wafers" if champ is not None else "")
-    return {"checks": checks, "breaches": breaches, "suppressed": suppressed, "breach_reason": reason[:300],
-            "metrics_line": line, "challenger_auc": ch, "champion_auc": champ,
+    return {"checks": summary.checks, "breaches": summary.breaches, "suppressed": summary.suppressed,
+            "breach_reason": reason[:300], "metrics_line": line, "challenger_auc": ch, "champion_auc": champ,
             "drift_check_id": mv.tags.get("fabloop.drift_check_id")}

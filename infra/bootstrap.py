@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
+from prefect.blocks.core import Block
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from pydantic import SecretStr
 
-from fabloop.infra.settings import StackEndpoints
+from fabloop.blocks import DEFAULT, FabloopDatabase, KafkaConnection, MLflowServer, load_block, policy_defaults
+from fabloop.infra.settings import WORK_POOL_TYPE, StackEndpoints
 
 
 @contextmanager
@@ -18,15 +24,8 @@ def prefect_api(ep: StackEndpoints) -> Iterator[None]:
 
 
 def ensure_work_pool(ep: StackEndpoints) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-
-    with prefect_api(ep), get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name=ep.work_pool, type="process"))
-        except ObjectAlreadyExists:
-            pass
+    with prefect_api(ep), get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=ep.work_pool, type=WORK_POOL_TYPE))
 
 
 def register_blocks(ep: StackEndpoints) -> None:
@@ -36,12 +35,6 @@ def register_blocks(ep: StackEndpoints) -> None:
     real cluster with its options); policy blocks are created once and then belong
     to the user, who edits them in the UI.
     """
-    from prefect.blocks.core import Block
-    from pydantic import SecretStr
-
-    from fabloop import blocks
-    from fabloop.blocks import DEFAULT, FabloopDatabase, KafkaConnection, MLflowServer
-
     connections: list[Block] = [
         KafkaConnection(bootstrap_servers=ep.kafka_bootstrap_servers),
         MLflowServer(tracking_uri=ep.mlflow_tracking_uri),
@@ -53,16 +46,16 @@ def register_blocks(ep: StackEndpoints) -> None:
             # protocol, SASL credentials, consumer group) is kept.
             type(block).register_type_and_schema()
             try:
-                saved = type(block).load(DEFAULT)
+                saved = load_block(type(block))
             except ValueError:
                 block.save(DEFAULT)
                 continue
             address = {k: getattr(block, k) for k in ("bootstrap_servers", "tracking_uri", "url") if hasattr(block, k)}
             if any(getattr(saved, k) != v for k, v in address.items()):
                 saved.model_copy(update=address).save(DEFAULT, overwrite=True)
-        for block in blocks.policy_defaults():
+        for block in policy_defaults():
             type(block).register_type_and_schema()
             try:
-                type(block).load(DEFAULT)
+                load_block(type(block))
             except ValueError:
                 block.save(DEFAULT)

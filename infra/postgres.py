@@ -40,7 +40,7 @@ class PostgresCluster:
         return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=120)
 
     @classmethod
-    def start(cls, port: int, base: Path | None = None) -> "PostgresCluster":
+    def start(cls, port: int, base: Path | None = None) -> PostgresCluster:
         bindir = server_bin_dir()
         if bindir is None:
             raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")

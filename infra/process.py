@@ -8,12 +8,14 @@ has since been reused by another program is never signalled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,16 +124,12 @@ class ProcessManager:
         """SIGTERM the component and its children, SIGKILL what lingers; returns pids ended."""
         procs = self.tree(name)
         for proc in procs:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 proc.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
         _, alive = psutil.wait_procs(procs, timeout=timeout)
         for proc in alive:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(alive, timeout=5)
         self.pidfile(name).unlink(missing_ok=True)
         return [p.pid for p in procs]
@@ -143,7 +141,7 @@ class ProcessManager:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def wait_until(check, timeout: float, interval: float = 0.25, what: str = "condition") -> None:
+def wait_until(check: Callable[[], object], timeout: float, interval: float = 0.25, what: str = "condition") -> None:
     """Poll ``check()`` until it returns truthy; raise TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None

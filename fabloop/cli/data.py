@@ -5,34 +5,37 @@ refuse is reported (bad rows with their line, a damaged STDF file with its byte
 offset) instead of half-published. Event ids are derived from the file content,
 so running a command again on the same file is harmless: ingest stores each
 event id once.
-
-``fabloop.cli`` calls :func:`register` on its app. Like ``cli_approvals``,
-nothing from ``fabloop.cli`` is imported at module level (under
-``python -m fabloop.cli`` that module is ``__main__``).
 """
+
+# The table reader (pandas) and the Kafka clients are imported inside the functions that
+# use them: they take seconds to load, and ``fabloop --help`` needs neither.
 
 from __future__ import annotations
 
 import csv
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
+from pydantic import ValidationError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fabloop.cli._common import HomeOpt, console, kafka_conf, load_endpoints
+from fabloop.cli._common import fail as print_error
+from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult
+from fabloop.core.stdf import StdfError, read_stdf
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fabloop.core.schemas import SensorReading, TestResult
     from fabloop.core.replay import Replay, ReplayColumns
 
-HomeOpt = Annotated[Optional[Path], typer.Option("--home", envvar="FABLOOP_HOME", help="State directory of the stack.")]
 BootstrapOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--bootstrap-servers", help="Publish to this Kafka (plaintext, host:port[,…]) instead of the stack's; "
                  "no running stack is needed then."),
 ]
@@ -45,20 +48,14 @@ _PROBE_LOG.addHandler(logging.NullHandler())
 _PROBE_LOG.propagate = False
 
 
-def console() -> Console:
-    from fabloop.cli import console as cli_console
-
-    return cli_console
-
-
 def fail(message: object) -> None:
-    """Like ``fabloop.cli.fail``, but never wrapped: errors quote paths that users copy."""
-    console().print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+    """An error that is never wrapped: errors here quote paths that users copy."""
+    print_error(message, soft_wrap=True)
 
 
 def say(message: str) -> None:
     """Plain output: file names, labels and cell values must not be read as Rich markup."""
-    console().print(message, markup=False, highlight=False, soft_wrap=True)
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------- Kafka
@@ -68,8 +65,6 @@ def kafka_target(home: Path | None, bootstrap_servers: str | None) -> dict[str, 
     """Client settings: ``--bootstrap-servers`` if given, else the stack's Kafka block."""
     if bootstrap_servers:
         return {"bootstrap.servers": bootstrap_servers}
-    from fabloop.cli import kafka_conf, load_endpoints
-
     return kafka_conf(load_endpoints(home))
 
 
@@ -83,7 +78,8 @@ def check_topics(conf: dict[str, Any], topics: Iterable[str], timeout: float = 5
 
     where = conf.get("bootstrap.servers", "?")
     try:
-        meta = AdminClient({**conf, "logger": _PROBE_LOG}).list_topics(timeout=timeout)
+        probe: dict[str, Any] = {**conf, "logger": _PROBE_LOG}
+        meta = AdminClient(probe).list_topics(timeout=timeout)
     except KafkaException as exc:
         fail(f"cannot reach Kafka at {where}: {exc.args[0].str() if exc.args else exc}")
         raise typer.Exit(1) from None
@@ -93,11 +89,9 @@ def check_topics(conf: dict[str, Any], topics: Iterable[str], timeout: float = 5
         raise typer.Exit(1)
 
 
-def _progress() -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+def _progress() -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, console=console())
+    return Progress(*columns, console=console)
 
 
 # ---------------------------------------------------------------------- replay
@@ -109,8 +103,6 @@ def replay_columns(
     timezone: str, timestamp_format: str | None, dayfirst: bool, defaults: list[str],
 ) -> ReplayColumns:
     """The column mapping from the command's options (labels are resolved later, against the table)."""
-    from pydantic import ValidationError
-
     from fabloop.core.replay import ReplayColumns, ReplayDefaults
 
     values: dict[str, Any] = {
@@ -181,7 +173,7 @@ def resolve_labels(columns: ReplayColumns, frame: pd.DataFrame, label_pass: list
     return columns.model_copy(update={"labels": labels}), f"{side} = {shown}; {other} = every other value ({rest})"
 
 
-def _describe_labels(labels: dict[str, str]) -> str:
+def _describe_labels(labels: Mapping[str, str]) -> str:
     by = {v: sorted(k for k, verdict in labels.items() if verdict == v) for v in ("pass", "fail")}
     return f"pass = {', '.join(by['pass'])}; fail = {', '.join(by['fail'])}"
 
@@ -222,24 +214,24 @@ def replay(
                                            "one from the file and line for tables without one.")] = "wafer",
     label_col: Annotated[str, typer.Option(help="Column with the pass/fail label ('' for none: no test events).")]
     = "label",
-    tool_col: Annotated[Optional[str], typer.Option(help="Column with the tool (default: --default tool=…).")] = None,
-    chamber_col: Annotated[Optional[str], typer.Option(help="Column with the chamber.")] = None,
-    recipe_col: Annotated[Optional[str], typer.Option(help="Column with the recipe.")] = None,
-    lot_col: Annotated[Optional[str], typer.Option(help="Column with the lot.")] = None,
-    step_col: Annotated[Optional[str], typer.Option(help="Column with the process step.")] = None,
+    tool_col: Annotated[str | None, typer.Option(help="Column with the tool (default: --default tool=…).")] = None,
+    chamber_col: Annotated[str | None, typer.Option(help="Column with the chamber.")] = None,
+    recipe_col: Annotated[str | None, typer.Option(help="Column with the recipe.")] = None,
+    lot_col: Annotated[str | None, typer.Option(help="Column with the lot.")] = None,
+    step_col: Annotated[str | None, typer.Option(help="Column with the process step.")] = None,
     sensors: Annotated[str, typer.Option(help="'all-numeric' (every other mostly-numeric column) or a,b,c.")]
     = "all-numeric",
-    label_pass: Annotated[Optional[list[str]], typer.Option(
+    label_pass: Annotated[list[str] | None, typer.Option(
         help="A label value meaning pass (repeatable). Only pass values given: every other value fails.")] = None,
-    label_fail: Annotated[Optional[list[str]], typer.Option(
+    label_fail: Annotated[list[str] | None, typer.Option(
         help="A label value meaning fail (repeatable). Only fail values given: every other value passes.")] = None,
     secom: Annotated[bool, typer.Option(
         "--secom", help="SECOM conventions: label -1 = pass, 1 = fail; timestamps dd/mm/YYYY HH:MM:SS.")] = False,
-    timestamp_format: Annotated[Optional[str], typer.Option(
+    timestamp_format: Annotated[str | None, typer.Option(
         help="strptime format, or ISO8601 / mixed (default: inferred from the first row).")] = None,
     timezone: Annotated[str, typer.Option(help="Time zone of timestamps written without one.")] = "UTC",
     dayfirst: Annotated[bool, typer.Option(help="Read 01/02/2024 as 1 February when inferring.")] = False,
-    default: Annotated[Optional[list[str]], typer.Option(
+    default: Annotated[list[str] | None, typer.Option(
         "--default", help="ROLE=VALUE for a role without a column (fab, lot, tool, chamber, recipe, step, program, "
         "stage), e.g. --default fab=FAB7. Repeatable.")] = None,
     speed: Annotated[float, typer.Option(
@@ -249,13 +241,12 @@ def replay(
         min=0, help="A row's test result is published this long after its sensor reading.")] = 60.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and report; publish nothing.")] = False,
     show_bad_rows: Annotated[int, typer.Option(min=0, help="Bad rows listed in the output.")] = 50,
-    bad_rows_out: Annotated[Optional[Path], typer.Option(help="Write every bad row (line, column, reason) to "
+    bad_rows_out: Annotated[Path | None, typer.Option(help="Write every bad row (line, column, reason) to "
                                                          "this CSV.")] = None,
     bootstrap_servers: BootstrapOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Stream a recorded table into Kafka as sensor and test events, in time order."""
-    from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC
     from fabloop.core.replay import ReplayTableError, paced, read_table, replay_events
 
     try:
@@ -271,7 +262,7 @@ def replay(
     line_wafers = columns.wafer == LINE_WAFER
     t0 = time.monotonic()
     try:
-        with console().status(f"reading {file}…"):
+        with console.status(f"reading {file}…"):
             # With @line the wafer column is made after reading: check the others only.
             frame = read_table(file, columns.model_copy(update={"wafer": columns.timestamp}) if line_wafers
                                else columns)
@@ -379,17 +370,14 @@ def publish_stdf(
     """Publish tester STDF files as per-wafer and per-part test events.
 
     Each file is parsed completely before any of its events is sent: a damaged file is reported with the byte offset and contributes nothing; the other files still go.
-    """
-    from fabloop.core.schemas import TEST_TOPIC
-    from fabloop.core.stdf import StdfError, read_stdf
-
+    """  # noqa: E501 - one line: Typer keeps docstring line breaks in the help
     conf: dict[str, Any] | None = None
     failed: list[str] = []
     published = 0
     for path in files:
         t0 = time.monotonic()
         try:
-            with console().status(f"parsing {path}…"):
+            with console.status(f"parsing {path}…"):
                 summary = read_stdf(path, min_yield_pct=min_yield_pct)
         except StdfError as exc:
             fail(f"{exc} — nothing from this file was published")

@@ -1,0 +1,25 @@
+"""The ``fabloop`` command line: one Typer app, its commands in one module per group.
+
+The command modules share :mod:`fabloop.cli._common` and nothing else; this module
+only builds the app from them (``[project.scripts] fabloop = "fabloop.cli:main"``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from fabloop.cli import approvals, data, stack, stream
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Event-driven retraining for fab models on Prefect.")
+
+stack.register(app)  # up / run / deploy / status / down
+stream.register(app)  # simulate / ingest
+approvals.register(app)  # approvals / approve / reject / rollback
+data.register(app)  # replay / publish-stdf
+
+
+def main() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    app()

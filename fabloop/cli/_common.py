@@ -1,0 +1,62 @@
+"""What every ``fabloop`` command shares: the console, errors, ``--home``, the stack's endpoints.
+
+The command modules import this module only, never each other nor the package,
+so the app (``fabloop.cli``) sits above them and nothing imports back up.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from fabloop.infra.settings import StackEndpoints, StackSettings, prefect_env
+
+console = Console()
+
+HomeOpt = Annotated[Path | None, typer.Option("--home", envvar="FABLOOP_HOME", help="State directory of the stack.")]
+
+
+def settings(home: Path | None, **overrides: object) -> StackSettings:
+    """Stack settings from the environment, with the options the user gave on top."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if home is not None:
+        values["home"] = home
+    return StackSettings(**values)  # type: ignore[arg-type]
+
+
+def fail(exc: object, *, soft_wrap: bool = False) -> None:
+    """Print an error without Rich markup: messages quote user input such as ``[x]``."""
+    console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=soft_wrap)
+
+
+def load_endpoints(home: Path | None) -> StackEndpoints:
+    """The endpoints ``fabloop up`` recorded; exit 2 with the reason when there are none."""
+    try:
+        return StackEndpoints.load(home)
+    except FileNotFoundError as exc:
+        fail(exc)
+        raise typer.Exit(2) from None
+
+
+def connect(home: Path | None) -> StackEndpoints:
+    """Point this process's Prefect client at the stack before anything imports Prefect."""
+    ep = load_endpoints(home)
+    os.environ.update(prefect_env(ep))
+    return ep
+
+
+def kafka_conf(ep: StackEndpoints) -> dict[str, object]:
+    """Client settings from the stack's KafkaConnection block (credentials included)."""
+    # Lazy: Prefect and the blocks take seconds to import; only publishing commands need them.
+    from fabloop.blocks import KafkaConnection, load_block
+    from fabloop.infra.bootstrap import prefect_api
+
+    try:
+        with prefect_api(ep):
+            return load_block(KafkaConnection).client_config()
+    except Exception:  # noqa: BLE001 - Prefect not reachable: fall back to the stack's address
+        return {"bootstrap.servers": ep.kafka_bootstrap_servers}
