@@ -9,6 +9,7 @@ from prefect.blocks.core import Block
 
 from fabloop.blocks.approval import ApprovalPolicy
 from fabloop.blocks.connections import DEFAULT, FabloopDatabase, KafkaConnection, MLflowServer
+from fabloop.blocks.loading import load_block
 from fabloop.blocks.models import ModelCatalog
 from fabloop.blocks.policies import DriftPolicyBlock, RetrainPolicyBlock
 
@@ -19,6 +20,6 @@ def policy_defaults() -> list[Block]:
 
 
 __all__ = [
-    "DEFAULT", "ApprovalPolicy", "DriftPolicyBlock", "RetrainPolicyBlock", "FabloopDatabase", "KafkaConnection", "MLflowServer", "ModelCatalog",
-    "policy_defaults",
+    "DEFAULT", "ApprovalPolicy", "DriftPolicyBlock", "FabloopDatabase", "KafkaConnection", "MLflowServer",
+    "ModelCatalog", "RetrainPolicyBlock", "load_block", "policy_defaults",
 ]

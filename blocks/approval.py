@@ -9,9 +9,8 @@ can reach it can type a name at all.
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
-
 from prefect.blocks.core import Block
+from pydantic import Field, field_validator
 
 
 class ApprovalPolicy(Block):

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sklearn.metrics import roc_auc_score
 
 # Tests whose score is a p-value (drift when the p-value is *below* the threshold);
 # every other registered test returns a distance/divergence (drift when *above*).
@@ -61,7 +62,8 @@ _TESTABLE_TYPES = ("num", "cat", "text")
 
 @cache
 def _ev() -> SimpleNamespace:
-    """The Evidently pieces the verdict is made of (imported once, on first use)."""
+    """The Evidently pieces the verdict is made of (imported once, on first use: importing
+    Evidently takes seconds, and the schemas and policies in this module are needed without it)."""
     import evidently
     from evidently.core.datasets import infer_column_type
     from evidently.legacy.calculations import stattests
@@ -695,8 +697,6 @@ def performance_drift(
         )
         parts.append(auc_note)
     else:
-        from sklearn.metrics import roc_auc_score
-
         roc_auc = float(roc_auc_score(t, s))
         auc_drop = reference_auc - roc_auc
         auc_note = None

@@ -9,6 +9,7 @@ event raises :class:`EventValidationError` naming the field and the reason.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
@@ -142,8 +143,6 @@ def parse_event(raw: bytes | str) -> SensorReading | TestResult:
 
 
 def _peek_version(raw: bytes | str) -> Any:
-    import json
-
     try:
         return json.loads(raw).get("schema_version")
     except Exception:  # noqa: BLE001 - best effort for the message only
