@@ -18,14 +18,14 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="fabloop-test-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-from fabloop.adapters.kafka import broker_healthy, ensure_topics  # noqa: E402
-from fabloop.core.schemas import TOPICS  # noqa: E402
-from fabloop.infra.process import ProcessManager, free_port, wait_until  # noqa: E402
-from fabloop.infra.stack import broker_command  # noqa: E402
-from tests.helpers.promotion import PromotionLauncher, session_launcher  # noqa: E402
-from tests.helpers.stack import Broker, RunningStack, fabloop, start_stack  # noqa: E402
+from fabloop.adapters.kafka import broker_healthy, ensure_topics
+from fabloop.core.schemas import TOPICS
+from fabloop.infra.process import ProcessManager, free_port, wait_until
+from fabloop.infra.stack import broker_command
+from tests.helpers.promotion import PromotionLauncher, session_launcher
+from tests.helpers.stack import Broker, RunningStack, fabloop, start_stack
 
 
 @pytest.fixture(scope="session")

@@ -99,6 +99,8 @@ def test_approve_from_the_prefect_ui(stack: RunningStack, launcher: PromotionLau
     assert wait_completed(stack, run)["name"] == "Approved"
     assert (alias(stack, model, "champion"), alias(stack, model, "previous")) == (v2, v1)
     [rec] = approvals(stack, model)
-    assert (rec.decision, rec.approver, rec.comment) == ("approved", "Dana Kim", "holdout recall +5 points, checked lot 7")
+    assert (rec.decision, rec.approver, rec.comment) == (
+        "approved", "Dana Kim", "holdout recall +5 points, checked lot 7"
+    )
     assert rec.flow_run_id == run.flow_run_id
     assert events(stack, "fabloop.model.promoted", model, since)[0]["payload"]["approver"] == "Dana Kim"

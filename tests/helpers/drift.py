@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from fabloop.adapters.ingestor import ClosedWindow, Ingestor, IngestSettings
 from fabloop.adapters.kafka import make_producer, publish_events
-from fabloop.adapters.store.schema import DriftCheckRow, RetrainTriggerRow, WindowRow, make_engine, sessionmaker
+from fabloop.adapters.store import DriftCheckRow, RetrainTriggerRow, WindowRow, make_engine, sessionmaker
 from fabloop.core.schemas import SensorReading, TestResult
 from fabloop.core.scopes import ModelCatalogValue
 from tests.helpers.prefect_api import (  # re-exported: the drift tests read runs through ds.*
@@ -34,7 +34,9 @@ Event = SensorReading | TestResult
 # --------------------------------------------------------------------------- stream
 
 
-def split_at_wafer(events: Iterable[Event], first_index: int, lot_size: int, lot_prefix: str) -> tuple[list[Event], list[Event]]:
+def split_at_wafer(
+    events: Iterable[Event], first_index: int, lot_size: int, lot_prefix: str
+) -> tuple[list[Event], list[Event]]:
     """Events before the first sensor reading of global wafer ``first_index``, and the rest."""
     lot, slot = divmod(first_index, lot_size)
     first = f"{lot_prefix}{lot + 1:04d}-{slot + 1:02d}"
@@ -52,7 +54,9 @@ def publish(bootstrap: str, events: list[Event]) -> None:
     assert stats.failed == 0 and stats.published == len(events), stats
 
 
-def ingest_quietly(bootstrap: str, database_url: str, catalog: ModelCatalogValue, group: str, max_idle: float = 4) -> list[ClosedWindow]:
+def ingest_quietly(
+    bootstrap: str, database_url: str, catalog: ModelCatalogValue, group: str, max_idle: float = 4
+) -> list[ClosedWindow]:
     """Set-up ingest: the real ``Ingestor``, but its closed windows are not announced to Prefect.
 
     They are marked announced all the same, so no later ``fabloop ingest`` announces
@@ -61,7 +65,7 @@ def ingest_quietly(bootstrap: str, database_url: str, catalog: ModelCatalogValue
     closed: list[ClosedWindow] = []
 
     async def run() -> None:
-        engine = make_engine(database_url)
+        engine = make_engine(database_url, pooled=True)
         ingestor = Ingestor(
             {"bootstrap.servers": bootstrap}, engine, catalog, group=group,
             settings=IngestSettings(batch_size=1000, consumer_name="drift-test-setup"), announce=closed.append,
@@ -84,9 +88,12 @@ def train_champion(tracking_uri: str, model: str, retrain_policy_block: str) -> 
 
     from fabloop.flows.retrain import retrain
 
-    summary = retrain(model=model, reasons=["test set-up: initial champion"], policy_block=retrain_policy_block, promotion="off")
+    summary = retrain(
+        model=model, reasons=["test set-up: initial champion"], policy_block=retrain_policy_block, promotion="off"
+    )
     version = str(summary["version"])
-    MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(model, "champion", version)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.set_registered_model_alias(model, "champion", version)
     return version
 
 
@@ -147,14 +154,19 @@ def closed_windows(database_url: str, models: list[str]) -> list[Any]:
 
 
 def checks(database_url: str, window_ids: list[int]) -> list[DriftCheckRow]:
-    return entities(database_url, select(DriftCheckRow).where(DriftCheckRow.window_id.in_(window_ids)).order_by(DriftCheckRow.id))
+    return entities(
+        database_url, select(DriftCheckRow).where(DriftCheckRow.window_id.in_(window_ids)).order_by(DriftCheckRow.id)
+    )
 
 
 def triggers(database_url: str, models: list[str]) -> list[RetrainTriggerRow]:
-    return entities(database_url, select(RetrainTriggerRow).where(RetrainTriggerRow.model.in_(models)).order_by(RetrainTriggerRow.id))
+    return entities(
+        database_url,
+        select(RetrainTriggerRow).where(RetrainTriggerRow.model.in_(models)).order_by(RetrainTriggerRow.id),
+    )
 
 
-# --------------------------------------------------------------------------- Prefect API (see tests.helpers.prefect_api)
+# ----------------------------------------------------------------- Prefect API (see tests.helpers.prefect_api)
 
 
 def cancel_unfinished(stack: RunningStack, flow_names: list[str], models: list[str], since: datetime) -> list[str]:

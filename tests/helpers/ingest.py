@@ -11,12 +11,14 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from fabloop.adapters.store.schema import SensorReadingRow, TestResultRow, make_engine
+from fabloop.adapters.store import SensorReadingRow, TestResultRow, make_engine
 from fabloop.core.simulate import SimulationConfig, ToolSpec, simulate
 from tests.helpers.stack import REPO, Broker, RunningStack
 
 
-def start_ingest(stack: RunningStack, broker: Broker, db: str, *extra: str, max_idle: float = 8) -> subprocess.Popen[str]:
+def start_ingest(
+    stack: RunningStack, broker: Broker, db: str, *extra: str, max_idle: float = 8
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "fabloop.cli", "ingest", "--bootstrap-servers", broker.bootstrap,
          "--database-url", db, "--max-idle", str(max_idle), *extra],

@@ -53,7 +53,9 @@ def wait_final(stack: RunningStack, flow_run_id: str, timeout: float, interval: 
         if run["state_type"] in FINAL:
             return run
         if time.monotonic() > deadline:
-            raise AssertionError(f"flow run {run['name']} ({flow_run_id}) still {run['state_name']} after {timeout:.0f}s")
+            raise AssertionError(
+                f"flow run {run['name']} ({flow_run_id}) still {run['state_name']} after {timeout:.0f}s"
+            )
         time.sleep(interval)
 
 

@@ -183,7 +183,9 @@ def _runs(api: str, model: str) -> list[dict[str, Any]]:
     return resp.json()
 
 
-def wait_paused(stack: RunningStack, run: PromotionRun, timeout: float = 90, after_state: str | None = None) -> dict[str, Any]:
+def wait_paused(
+    stack: RunningStack, run: PromotionRun, timeout: float = 90, after_state: str | None = None
+) -> dict[str, Any]:
     """Block until ``run`` is paused (in a new pause if ``after_state`` names the previous one)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -245,9 +247,13 @@ def events(
 
 
 def approvals(stack: RunningStack, model: str) -> list[Any]:
-    from fabloop.adapters.store.approvals import decisions
+    from fabloop.adapters.store import decisions, engine_for, run_sync
 
-    return decisions(stack.ep.database_url, model)
+    async def read() -> list[Any]:
+        async with engine_for(stack.ep.database_url) as engine:
+            return await decisions(engine, model)
+
+    return run_sync(read())
 
 
 def version_tags(stack: RunningStack, model: str, version: str) -> dict[str, str]:
@@ -258,6 +264,6 @@ def version_tags(stack: RunningStack, model: str, version: str) -> dict[str, str
 
 
 def alias(stack: RunningStack, model: str, name: str) -> str | None:
-    from fabloop.adapters.registry import alias_version, client
+    from fabloop.adapters.registry import aliases, client
 
-    return alias_version(client(stack.ep.mlflow_tracking_uri), model, name)
+    return aliases(client(stack.ep.mlflow_tracking_uri), model).get(name)

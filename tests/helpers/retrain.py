@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 
 from fabloop.adapters.kafka import broker_healthy, ensure_topics, make_producer, publish_events
-from fabloop.adapters.store.schema import WindowRow
+from fabloop.adapters.store import WindowRow
 from fabloop.core.schemas import TOPICS, SensorReading, TestResult
 from fabloop.core.simulate import DriftInjection, SimulationConfig, ToolSpec, simulate
 from fabloop.infra.process import ProcessManager, free_port, wait_until

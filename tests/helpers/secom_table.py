@@ -69,12 +69,14 @@ def secom_table(shape: SecomShape = SecomShape()) -> pd.DataFrame:
     values = np.round(values, 4)
     missing = rng.random((n, m)) < shape.missing_share
     missing[:, constant] = False
-    for j, share in zip(sparse, rng.uniform(0.25, 0.45, len(sparse))):
+    for j, share in zip(sparse, rng.uniform(0.25, 0.45, len(sparse)), strict=True):
         missing[:, j] = rng.random(n) < share
     values[missing] = np.nan
 
     frame = pd.DataFrame(values, columns=[str(j) for j in range(m)])
-    frame.insert(0, TIME_COL, [(SECOM_START + timedelta(seconds=int(s))).strftime("%d/%m/%Y %H:%M:%S") for s in seconds])
+    frame.insert(
+        0, TIME_COL, [(SECOM_START + timedelta(seconds=int(s))).strftime("%d/%m/%Y %H:%M:%S") for s in seconds]
+    )
     frame[LABEL_COL] = np.where(failed, 1, -1)
     frame.attrs["constant"] = [str(j) for j in constant]
     frame.attrs["sparse"] = [str(j) for j in sparse]

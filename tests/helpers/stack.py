@@ -10,14 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fabloop.infra.process import free_port
-from fabloop.infra.settings import StackEndpoints
-from fabloop.infra.stack import prefect_env
+from fabloop.infra.settings import StackEndpoints, prefect_env
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def fabloop(*args: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+def fabloop(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``fabloop`` command line."""
     proc = subprocess.run(
         [sys.executable, "-m", "fabloop.cli", *args],

@@ -30,14 +30,14 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-from fabloop.adapters.store.schema import (
+from fabloop.adapters.store import (
     RetrainTriggerRow,
     SensorReadingRow,
     WindowWaferRow,
-    create_schema,
+    decide_retrain,
     make_engine,
+    migrate,
 )
-from fabloop.adapters.store.triggers import decide_retrain
 from fabloop.core.schemas import SensorReading, TestResult
 from fabloop.core.scopes import ModelCatalogValue, ModelSpec
 from fabloop.core.simulate import DriftInjection, SimulationConfig, ToolSpec, sensor_specs, simulate
@@ -93,7 +93,9 @@ def _run_ingest(stack: RunningStack, broker: Broker) -> str:
     return proc.stdout
 
 
-def _wait_for_checks(stack: RunningStack, window_ids: list[int], since: datetime, timeout: float) -> list[ds.DriftCheckRow]:
+def _wait_for_checks(
+    stack: RunningStack, window_ids: list[int], since: datetime, timeout: float
+) -> list[ds.DriftCheckRow]:
     """Every window checked by a finished ``drift-check`` run (failing fast on a failed run)."""
     db = stack.ep.database_url
     deadline = time.monotonic() + timeout
@@ -169,7 +171,7 @@ def test_mean_shift_on_one_tool_retrains_that_model_once_as_a_child_of_its_drift
     _run_ingest(stack, broker)
     setup_ids = {w.id for w in setup_windows}
     windows = [w for w in ds.closed_windows(db, models) if w.id not in setup_ids]
-    assert Counter(w.model for w in windows) == dict(zip(models, E2E_WINDOWS))
+    assert Counter(w.model for w in windows) == dict(zip(models, E2E_WINDOWS, strict=True))
     assert all(w.announced for w in windows)
     rows = _wait_for_checks(stack, [w.id for w in windows], since, timeout=600)
     assert len(rows) == len(windows), "each window is judged exactly once"
@@ -331,7 +333,9 @@ def test_a_storm_of_50_breaching_windows_starts_one_retraining_and_records_49_su
     performance = perf_row.detail["performance"]
     assert perf_row.performance_breach and performance["breaches"] == ["fail_rate"]
     assert (performance["n_labelled"], performance["n_failing"]) == (STORM_WINDOW_WAFERS, STORM_WINDOW_WAFERS)
-    assert [r["id"] for r in ds.runs_of_flow(stack, "retrain", since) if r["parameters"]["model"] == model] == [started.flow_run_id]
+    assert [
+        r["id"] for r in ds.runs_of_flow(stack, "retrain", since) if r["parameters"]["model"] == model
+    ] == [started.flow_run_id]
 
 
 def test_a_partial_model_override_saved_in_the_block_keeps_the_base_policy(stack: RunningStack) -> None:
@@ -353,13 +357,12 @@ _RACER = """
 import asyncio, sys
 from datetime import timedelta
 from pathlib import Path
-from fabloop.adapters.store.schema import make_engine
-from fabloop.adapters.store.triggers import decide_retrain
+from fabloop.adapters.store import decide_retrain, make_engine
 
 url, model, go, n = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 
 async def main():
-    engine = make_engine(url)
+    engine = make_engine(url, pooled=True)
     try:
         async with engine.connect():
             pass  # connected before the start line
@@ -378,17 +381,12 @@ asyncio.run(main())
 
 
 def _schema(url: str) -> None:
-    async def run() -> None:
-        engine = make_engine(url)
-        try:
-            await create_schema(engine)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(run())
+    migrate(url)
 
 
-def test_concurrent_decisions_from_several_processes_start_exactly_one_retraining(database_url: str, tmp_path: Path) -> None:
+def test_concurrent_decisions_from_several_processes_start_exactly_one_retraining(
+    database_url: str, tmp_path: Path
+) -> None:
     processes, per_process = 4, 10
     _schema(database_url)
     model, go = f"race-{uuid.uuid4().hex[:6]}", tmp_path / "go"

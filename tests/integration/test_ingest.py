@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from fabloop.adapters.ingestor import Ingestor, IngestSettings
 from fabloop.adapters.kafka import make_producer, publish_events, read_topic
-from fabloop.adapters.store.schema import DeadLetterRow, IngestBatchRow, WindowRow, WindowWaferRow, make_engine
+from fabloop.adapters.store import DeadLetterRow, IngestBatchRow, WindowRow, WindowWaferRow, make_engine
 from fabloop.core.schemas import DEADLETTER_TOPIC, SENSOR_TOPIC, TEST_TOPIC, SensorReading
 from fabloop.core.scopes import ModelCatalogValue
 from tests.helpers.ingest import finish, query, sim, start_ingest, stored_ids, wait_for_rows
@@ -115,7 +115,7 @@ def test_on_sqlite_offsets_are_committed_only_once_a_checkpoint_made_the_batches
     committed: list[int] = []
 
     async def run() -> None:
-        engine = make_engine(db)
+        engine = make_engine(db, pooled=True)
         ingestor = Ingestor(broker.conf, engine, ModelCatalogValue(), group=group,
                             settings=IngestSettings(batch_size=100, durable_interval_s=durable_interval_s))
 
@@ -190,7 +190,9 @@ def test_bad_input_is_dead_lettered_with_reason_and_nothing_is_lost(
     assert Counter(r[0] for r in dead_rows) == Counter(reason for _, _, reason in bad)
     consumed, stored, dead = query(
         database_url,
-        select(func.sum(IngestBatchRow.consumed), func.sum(IngestBatchRow.stored), func.sum(IngestBatchRow.dead_lettered)),
+        select(
+            func.sum(IngestBatchRow.consumed), func.sum(IngestBatchRow.stored), func.sum(IngestBatchRow.dead_lettered)
+        ),
     )[0]
     assert consumed == len(events) + len(bad) == stored + dead
 
@@ -207,7 +209,12 @@ def test_two_ingestors_in_one_group_split_partitions_without_loss_or_duplicates(
     finish(b)
     ids = stored_ids(database_url)
     assert len(ids) == len(set(ids)) == len(events)
-    per_member = dict(query(database_url, select(IngestBatchRow.consumer, func.sum(IngestBatchRow.consumed)).group_by(IngestBatchRow.consumer)))
+    per_member = dict(
+        query(
+            database_url,
+            select(IngestBatchRow.consumer, func.sum(IngestBatchRow.consumed)).group_by(IngestBatchRow.consumer),
+        )
+    )
     assert per_member.get("member-a", 0) > 0 and per_member.get("member-b", 0) > 0, per_member
     memberships = query(database_url, select(WindowWaferRow.event_id))
     assert len(memberships) == len({r[0] for r in memberships}) == sum(isinstance(e, SensorReading) for e in events)
@@ -227,7 +234,12 @@ def test_closed_windows_are_announced_once_each_in_prefects_event_feed(
     publish_events(make_producer(broker.conf), events)
     finish(start_ingest(stack, broker, db, "--catalog", block))
 
-    closed = query(db, select(WindowRow.model, WindowRow.wafer_count, WindowRow.status, WindowRow.id).where(WindowRow.status == "closed"))
+    closed = query(
+        db,
+        select(WindowRow.model, WindowRow.wafer_count, WindowRow.status, WindowRow.id).where(
+            WindowRow.status == "closed"
+        ),
+    )
     per_tool = Counter(e.tool for e in events if isinstance(e, SensorReading))  # lots go to tools at random
     expected = sorted((f"{prefix}-{tool}", 50) for tool, n in per_tool.items() for _ in range(n // 50))
     assert sorted((m, n) for m, n, _, _ in closed) == expected

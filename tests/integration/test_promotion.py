@@ -48,7 +48,9 @@ def _model_with_champion(stack: RunningStack, prefix: str, versions: int = 2) ->
     return model, register(stack.ep.mlflow_tracking_uri, model, uris, {"champion": 0, "challenger": versions - 1})
 
 
-def test_approve_from_the_cli_promotes_and_audits(stack: RunningStack, policy: str, launcher: PromotionLauncher) -> None:
+def test_approve_from_the_cli_promotes_and_audits(
+    stack: RunningStack, policy: str, launcher: PromotionLauncher
+) -> None:
     since = datetime.now(UTC)
     model, (v1, v2) = _model_with_champion(stack, "approve")
     run = launcher.start(model, v2, policy)
@@ -92,7 +94,9 @@ def test_approve_from_the_cli_promotes_and_audits(stack: RunningStack, policy: s
     assert "no pending promotion" in fabloop("approvals", model, env=stack.env).stdout
 
 
-def test_reject_needs_a_comment_and_keeps_the_champion(stack: RunningStack, policy: str, launcher: PromotionLauncher) -> None:
+def test_reject_needs_a_comment_and_keeps_the_champion(
+    stack: RunningStack, policy: str, launcher: PromotionLauncher
+) -> None:
     since = datetime.now(UTC)
     model, (v1, v2) = _model_with_champion(stack, "reject")
     run = launcher.start(model, v2, policy)
@@ -116,7 +120,9 @@ def test_reject_needs_a_comment_and_keeps_the_champion(stack: RunningStack, poli
     assert tags["fabloop.reason"] == "recall drops on lot-end wafers"
     assert "fabloop.decision" not in version_tags(stack, model, v1)
     [rec] = approvals(stack, model)
-    assert (rec.version, rec.decision, rec.approver, rec.comment) == (v2, "rejected", "Bob", "recall drops on lot-end wafers")
+    assert (rec.version, rec.decision, rec.approver, rec.comment) == (
+        v2, "rejected", "Bob", "recall drops on lot-end wafers"
+    )
     [event] = events(stack, "fabloop.model.rejected", model, since)
     assert event["payload"]["comment"] == "recall drops on lot-end wafers"
     assert events(stack, "fabloop.model.promoted", model, since, expect=0, timeout=0) == []
@@ -172,7 +178,9 @@ def test_refused_approver_is_recorded_and_the_run_keeps_waiting(
     assert event["payload"]["previous_champion"] is None
 
 
-def test_newer_challenger_supersedes_the_pending_one(stack: RunningStack, policy: str, launcher: PromotionLauncher) -> None:
+def test_newer_challenger_supersedes_the_pending_one(
+    stack: RunningStack, policy: str, launcher: PromotionLauncher
+) -> None:
     since = datetime.now(UTC)
     model, (v1, v2, v3) = _model_with_champion(stack, "supersede", versions=3)
     older = launcher.start(model, v2, policy)
@@ -193,7 +201,9 @@ def test_newer_challenger_supersedes_the_pending_one(stack: RunningStack, policy
     assert version_tags(stack, model, v2)["fabloop.decision"] == "superseded"
     assert version_tags(stack, model, v2)["fabloop.superseded_by"] == v3
     superseded, approved = approvals(stack, model)
-    assert (superseded.version, superseded.decision, superseded.comment) == (v2, "superseded", f"superseded by version {v3}")
+    assert (superseded.version, superseded.decision, superseded.comment) == (
+        v2, "superseded", f"superseded by version {v3}"
+    )
     assert superseded.flow_run_id == older.flow_run_id
     assert (approved.version, approved.decision) == (v3, "approved")
     assert len(events(stack, "fabloop.model.superseded", model, since)) == 1
@@ -217,10 +227,14 @@ def test_rollback_moves_champion_back_to_previous(stack: RunningStack, policy: s
     assert f"champion is version {v1} again" in out.stdout
     assert alias(stack, model, "champion") == v1 and alias(stack, model, "previous") is None
     tags = version_tags(stack, model, v2)
-    assert (tags["fabloop.decision"], tags["fabloop.approver"], tags["fabloop.rolled_back_to"]) == ("rolled_back", "Bob", v1)
+    assert (tags["fabloop.decision"], tags["fabloop.approver"], tags["fabloop.rolled_back_to"]) == (
+        "rolled_back", "Bob", v1
+    )
     refused, rolled = approvals(stack, model)
     assert (refused.decision, refused.approver, refused.detail["requested"]) == ("refused", "Mallory", "rollback")
-    assert (rolled.decision, rolled.version, rolled.approver, rolled.detail["champion"]) == ("rolled_back", v2, "Bob", v1)
+    assert (rolled.decision, rolled.version, rolled.approver, rolled.detail["champion"]) == (
+        "rolled_back", v2, "Bob", v1
+    )
     [event] = events(stack, "fabloop.model.rolled_back", model, since)
     assert event["payload"]["comment"] == "scrap rate up on ETCH-02 since v2"
 

@@ -13,8 +13,9 @@ wafers, no drift) gives the model its first windows; the first of them asks for 
 first training (no champion yet), and the test approves that challenger as the
 initial champion under the main job's bootstrap approver, through the same resume
 call as the UI. The second export (767 wafers) holds the drift, a strong mean shift
-on most sensors; its windows are judged against the champion's training set. Outcomes are read from the event store, the Prefect REST API and the
-MLflow registry.
+on most sensors; its windows are judged against the champion's training set.
+Outcomes are read from the event store, the Prefect REST API and the MLflow
+registry.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy import select
 
-from fabloop.adapters.store.schema import SensorReadingRow, WindowWaferRow
+from fabloop.adapters.store import SensorReadingRow, WindowWaferRow
 from fabloop.core.schemas import SENSOR_TOPIC
 from fabloop.mainjob import BOOTSTRAP_APPROVER
 from tests.helpers import drift as ds
@@ -173,7 +174,8 @@ def _closed_windows(stack: RunningStack, model: str) -> list[Any]:
 def _share_from(stack: RunningStack, window_id: int, table: Path) -> float:
     """Share of a window's wafers that come from ``table`` (``@line`` ids start with its name)."""
     wafers = [w for (w,) in ds.query(stack.ep.database_url, select(SensorReadingRow.wafer).join(
-        WindowWaferRow, WindowWaferRow.event_id == SensorReadingRow.event_id).where(WindowWaferRow.window_id == window_id))]
+        WindowWaferRow, WindowWaferRow.event_id == SensorReadingRow.event_id
+    ).where(WindowWaferRow.window_id == window_id))]
     stem = table.name.split(".")[0]
     return sum(w.startswith(f"{stem}-") for w in wafers) / len(wafers)
 
@@ -297,7 +299,9 @@ def test_replay_of_a_secom_shaped_history_leads_through_the_loop_to_a_drift_trig
     assert run["parameters"]["drift_check_id"] == check.id and run["parameters"]["window_ids"] == [check.window_id]
     assert run["deployment_id"] == ds.deployment_id(stack, "retrain", "retrain")
     assert ds.parent_flow_run_id(stack, run) == check.flow_run_id
-    assert ds.flow_run(stack, check.flow_run_id)["deployment_id"] == ds.deployment_id(stack, "drift-check", "drift-check")
+    assert ds.flow_run(stack, check.flow_run_id)["deployment_id"] == ds.deployment_id(
+        stack, "drift-check", "drift-check"
+    )
     retrains = [r for r in _runs(loop, "retrain") if r["parameters"].get("model") == model]
     assert sorted(r["id"] for r in retrains) == sorted([first_triggers[0].flow_run_id, run["id"]]), \
         "the first training and the drift retraining, nothing else"

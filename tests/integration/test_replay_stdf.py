@@ -75,7 +75,7 @@ def small_table() -> tuple[list[str], dict[str, dict[str, object]], dict[int, st
         (",,,,,,", "<row>"),
     ]
     bad_lines: dict[int, str] = {}
-    for n, (row, column) in enumerate(bad):
+    for n, (row, _column) in enumerate(bad):
         at = 2 + 2 * n  # interleave: bad rows sit between good ones
         rows.insert(at, row)
     for line, row in enumerate(rows, start=2):  # the header is line 1
@@ -263,11 +263,12 @@ def test_publish_stdf_real_files_match_their_prr_and_wrr_records(broker: Broker)
     t0 = time.monotonic()
     out = fabloop("publish-stdf", str(lot2), str(lot3), "--bootstrap-servers", broker.bootstrap).stdout
     seconds = time.monotonic() - t0
-    for p, wafer in ((lot2, "GAL-LOT-02"), (lot3, "GAL-LOT-03")):
+    for p, _wafer in ((lot2, "GAL-LOT-02"), (lot3, "GAL-LOT-03")):
         r = records[p]
         assert (f"{p}: lot GAL-LOT, program mobile-05@16: {r['WRR']} wafer(s), {r['PRR']} parts, "
                 f"{r['PTR']} parametrics") in out
-        assert f"published {r['PRR'] + r['WRR']} events to {TEST_TOPIC} ({r['WRR']} per wafer, {r['PRR']} per part)" in out
+        assert (f"published {r['PRR'] + r['WRR']} events to {TEST_TOPIC} "
+                f"({r['WRR']} per wafer, {r['PRR']} per part)") in out
     assert "published 3190 events from 2 of 2 file(s)" in out
 
     events = [e for *_, e in read_events(broker.conf, TEST_TOPIC)]

@@ -23,12 +23,12 @@ import optuna
 import pandas as pd
 import pytest
 
-from fabloop.adapters import tracking
-from fabloop.adapters.store import frames as store
-from fabloop.adapters.store.schema import make_engine
+from fabloop.adapters import registry, store
+from fabloop.adapters.store import make_engine
 from fabloop.blocks import ModelCatalog
+from fabloop.core.names import CHALLENGER_REJECTED, RETRAIN_REJECTED
 from fabloop.core.training import DataGateError, RetrainPolicy, data_hash, gate_training_set
-from fabloop.flows.retrain import CHALLENGER_REJECTED, RETRAIN_REJECTED, optuna_storage_url, retrain
+from fabloop.flows.retrain import retrain
 from tests.helpers.promotion import events
 from tests.helpers.retrain import (
     MISSING_SENSOR,
@@ -73,8 +73,8 @@ def trained(stack: RunningStack, fab: Fab) -> Trained:
     assert len(windows) == 5, windows  # 2000 wafers in windows of 400
     window_ids = [w for w, _ in windows[-2:]]
     t0 = time.monotonic()
-    summary = retrain(model=model, reasons=REASONS, window_ids=window_ids, policy_block=save_retrain_policy(n_trials=N_TRIALS),
-                      catalog_block=fab.catalog, promotion="off")
+    summary = retrain(model=model, reasons=REASONS, window_ids=window_ids,
+                      policy_block=save_retrain_policy(n_trials=N_TRIALS), catalog_block=fab.catalog, promotion="off")
     return Trained(model, summary, window_ids, windows, time.monotonic() - t0)
 
 
@@ -133,7 +133,9 @@ def test_holdout_metrics_model_dataset_and_plots_are_logged(stack: RunningStack,
     # The simulator's signal is learnable: judged on the most recent wafers only.
     assert summary["challenger"]["roc_auc"] > 0.8, summary["challenger"]
     assert metrics["holdout_roc_auc"] == pytest.approx(summary["challenger"]["roc_auc"])
-    for key in ("holdout_pr_auc", "holdout_recall_at_op", "holdout_precision_at_op", "cv_roc_auc_lgbm", "cv_roc_auc_baseline"):
+    for key in (
+        "holdout_pr_auc", "holdout_recall_at_op", "holdout_precision_at_op", "cv_roc_auc_lgbm", "cv_roc_auc_baseline"
+    ):
         assert key in metrics
     assert metrics["holdout_recall_at_op"] >= 0.8  # the policy's operating point: catch 80% of fails
     params = run.data.params
@@ -157,7 +159,7 @@ def test_holdout_metrics_model_dataset_and_plots_are_logged(stack: RunningStack,
     from importlib.metadata import version
 
     requirements = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt")).read_text().split()
-    flavour = "lightgbm" if run.data.tags[tracking.MODEL_KIND_TAG] == "lightgbm" else "scikit-learn"
+    flavour = "lightgbm" if run.data.tags[registry.MODEL_KIND_TAG] == "lightgbm" else "scikit-learn"
     assert f"{flavour}=={version(flavour)}" in requirements and f"numpy=={version('numpy')}" in requirements
 
     # The training set as an MLflow dataset input.
@@ -195,7 +197,7 @@ def test_every_trial_is_a_nested_run_and_the_study_lives_in_the_store(stack: Run
     # The study is in fabloop's own database (here the stack's SQLite event store) and reloads.
     [study_name] = {r.data.tags["fabloop.study"] for r in trials}
     assert study_name == parent.data.tags["fabloop.study"] == summary["study"]
-    study = optuna.load_study(study_name=study_name, storage=optuna_storage_url(stack.ep.database_url))
+    study = optuna.load_study(study_name=study_name, storage=store.optuna_storage(stack.ep.database_url))
     assert len(study.trials) == N_TRIALS
     assert study.best_value == pytest.approx(best_cv)
     path = stack.ep.database_url.removeprefix("sqlite+aiosqlite:///")
@@ -261,7 +263,7 @@ def test_a_challenger_worse_than_the_champion_is_rejected(stack: RunningStack, f
 
     # Same wafers, other search set-up (rounds, binning): a study of its own, so the weak
     # search neither inherits the strong one's best trial nor adds to its history.
-    storage = optuna_storage_url(stack.ep.database_url)
+    storage = store.optuna_storage(stack.ep.database_url)
     assert summary["study"] != champion["study"]
     assert len(optuna.load_study(study_name=summary["study"], storage=storage).trials) == 1
     assert len(optuna.load_study(study_name=champion["study"], storage=storage).trials) == N_TRIALS

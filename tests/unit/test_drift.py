@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -269,13 +269,15 @@ def test_for_model_applies_that_models_override_only():
     assert base.for_model("cmp_yield") == base.model_copy(update={"overrides": {}})
 
     ref, cur = _one_drifted_of_four()
-    used = {f.feature: f.stattest for f in check_drift(ref, cur, etch.model_copy(update={"min_window_rows": 1})).features}
+    used = {
+        f.feature: f.stattest for f in check_drift(ref, cur, etch.model_copy(update={"min_window_rows": 1})).features
+    }
     assert used == {"rf_power": "psi", "pressure": "jensenshannon", "temp": "wasserstein", "flow": "wasserstein"}
 
 
 def test_cooldown():
     policy = DriftPolicy(cooldown_minutes=30)
-    now = datetime(2025, 1, 1, 12, tzinfo=timezone.utc)
+    now = datetime(2025, 1, 1, 12, tzinfo=UTC)
     assert policy.in_cooldown(now - timedelta(minutes=10), now)
     assert not policy.in_cooldown(now - timedelta(minutes=31), now)
     assert not policy.in_cooldown(None, now)
@@ -320,7 +322,9 @@ def _scored_window(seed: int, n: int, separation: float, fail_rate: float = 0.2)
 def test_performance_no_breach_when_ranking_holds():
     y, s = _scored_window(1, 2000, separation=2.5)
     ref_auc = 0.92
-    result = performance_drift(y, s, reference_auc=ref_auc, reference_fail_rate=0.2, policy=DriftPolicy(fail_rate_tolerance=0.1))
+    result = performance_drift(
+        y, s, reference_auc=ref_auc, reference_fail_rate=0.2, policy=DriftPolicy(fail_rate_tolerance=0.1)
+    )
     assert result.roc_auc is not None and abs(result.roc_auc - ref_auc) < 0.05
     assert not result.breached and result.breaches == []
     assert result.reason.startswith("No performance breach")
