@@ -21,11 +21,7 @@ from fabloop.adapters.kafka import make_producer, publish_events
 from fabloop.adapters.store import DriftCheckRow, RetrainTriggerRow, WindowRow, make_engine, sessionmaker
 from fabloop.core.schemas import SensorReading, TestResult
 from fabloop.core.scopes import ModelCatalogValue
-from tests.helpers.prefect_api import (  # re-exported: the drift tests read runs through ds.*
-    FINAL,
-    api,
-    runs_of_flow,
-)
+from tests.helpers.prefect_api import FINAL, api, runs_of_flow
 from tests.helpers.stack import RunningStack
 
 Event = SensorReading | TestResult

@@ -42,6 +42,7 @@ from fabloop.core.schemas import SensorReading, TestResult
 from fabloop.core.scopes import ModelCatalogValue, ModelSpec
 from fabloop.core.simulate import DriftInjection, SimulationConfig, ToolSpec, sensor_specs, simulate
 from tests.helpers import drift as ds
+from tests.helpers import prefect_api as pa
 from tests.helpers.stack import REPO, Broker, RunningStack, fabloop
 
 pytestmark = pytest.mark.integration
@@ -101,11 +102,11 @@ def _wait_for_checks(
     deadline = time.monotonic() + timeout
     while True:
         rows = ds.checks(db, window_ids)
-        runs = {r["id"]: r for r in ds.runs_of_flow(stack, "drift-check", since)}
+        runs = {r["id"]: r for r in pa.runs_of_flow(stack, "drift-check", since)}
         broken = [r for r in runs.values() if int(r["parameters"].get("window_id", -1)) in window_ids
                   and r["state_type"] in ("FAILED", "CRASHED")]
         assert not broken, f"drift-check runs failed: {[(r['name'], r['state']['message']) for r in broken]}"
-        done = {r.window_id for r in rows if r.flow_run_id in runs and runs[r.flow_run_id]["state_type"] in ds.FINAL}
+        done = {r.window_id for r in rows if r.flow_run_id in runs and runs[r.flow_run_id]["state_type"] in pa.FINAL}
         if done >= set(window_ids):
             return rows
         if time.monotonic() > deadline:
@@ -178,13 +179,13 @@ def test_mean_shift_on_one_tool_retrains_that_model_once_as_a_child_of_its_drift
     by_model = {m: [r for r in rows if r.model == m] for m in models}
 
     # Quiet windows: no breach, no trigger, no retraining, no report.
-    drift_check_deployment = ds.deployment_id(stack, "drift-check", "drift-check")
+    drift_check_deployment = pa.deployment_id(stack, "drift-check", "drift-check")
     for m in quiet:
         for r in by_model[m]:
             assert r.status == "ok" and not r.drifted and not r.performance_breach, (m, r.reason)
             assert r.report_url is None
     for r in rows:
-        assert ds.flow_run(stack, r.flow_run_id)["deployment_id"] == drift_check_deployment
+        assert pa.flow_run(stack, r.flow_run_id)["deployment_id"] == drift_check_deployment
 
     # The drifting tool: every stream window breaches; one retraining starts, the rest are suppressed.
     breaches = by_model[drifting]
@@ -201,17 +202,17 @@ def test_mean_shift_on_one_tool_retrains_that_model_once_as_a_child_of_its_drift
 
     # Exactly one retrain flow run in Prefect since the stream started: the drifting model's,
     # a child of the drift-check run that decided it.
-    retrains = ds.runs_of_flow(stack, "retrain", since)
+    retrains = pa.runs_of_flow(stack, "retrain", since)
     assert Counter(r["parameters"]["model"] for r in retrains if r["parameters"]["model"] in models) == {drifting: 1}
     (run,) = [r for r in retrains if r["parameters"]["model"] == drifting]
     starter = next(r for r in breaches if r.id == started[0].check_id)
     assert run["id"] == started[0].flow_run_id
-    assert ds.parent_flow_run_id(stack, run) == starter.flow_run_id
+    assert pa.parent_flow_run_id(stack, run) == starter.flow_run_id
     assert run["parameters"]["drift_check_id"] == starter.id and run["parameters"]["window_ids"] == [starter.window_id]
-    assert run["deployment_id"] == ds.deployment_id(stack, "retrain", "retrain")
+    assert run["deployment_id"] == pa.deployment_id(stack, "retrain", "retrain")
 
     # The retraining runs to completion and registers a challenger whose lineage names the check.
-    finished = ds.wait_final(stack, run["id"], timeout=600)
+    finished = pa.wait_final(stack, run["id"], timeout=600)
     assert finished["state_type"] == "COMPLETED", finished["state"]
     from mlflow import MlflowClient
 
@@ -233,12 +234,12 @@ def test_mean_shift_on_one_tool_retrains_that_model_once_as_a_child_of_its_drift
         mlrun = client.get_run(run_id)
         assert client.get_experiment(mlrun.info.experiment_id).name == f"fabloop/{drifting}/monitoring"
         assert mlrun.data.tags["fabloop.window_id"] == str(r.window_id)
-        (art,) = [a for a in ds.artifacts_of(stack, r.flow_run_id) if a["type"] == "markdown"]
+        (art,) = [a for a in pa.artifacts_of(stack, r.flow_run_id) if a["type"] == "markdown"]
         assert "**DRIFT**" in art["data"] and r.report_url in art["data"]
     for m in quiet:
         assert client.get_experiment_by_name(f"fabloop/{m}/monitoring") is None
         for r in by_model[m]:
-            (art,) = [a for a in ds.artifacts_of(stack, r.flow_run_id) if a["type"] == "markdown"]
+            (art,) = [a for a in pa.artifacts_of(stack, r.flow_run_id) if a["type"] == "markdown"]
             assert "**no drift**" in art["data"] and "drift report" not in art["data"]
 
 
@@ -301,10 +302,10 @@ def test_a_storm_of_50_breaching_windows_starts_one_retraining_and_records_49_su
         assert f"trigger {started.id}" in t.reason and ("in flight" in t.reason or "cooldown" in t.reason), t.reason
         assert "breach:" in t.reason and t.flow_run_id is None
 
-    retrains = [r for r in ds.runs_of_flow(stack, "retrain", since) if r["parameters"]["model"] == model]
+    retrains = [r for r in pa.runs_of_flow(stack, "retrain", since) if r["parameters"]["model"] == model]
     assert [r["id"] for r in retrains] == [started.flow_run_id]
     starter = next(r for r in rows if r.id == started.check_id)
-    assert ds.parent_flow_run_id(stack, retrains[0]) == starter.flow_run_id
+    assert pa.parent_flow_run_id(stack, retrains[0]) == starter.flow_run_id
 
     # A performance-only breach in a window too small for a data verdict is recorded
     # (and suppressed: the episode is still on), not a crash of the check. The breach
@@ -334,7 +335,7 @@ def test_a_storm_of_50_breaching_windows_starts_one_retraining_and_records_49_su
     assert perf_row.performance_breach and performance["breaches"] == ["fail_rate"]
     assert (performance["n_labelled"], performance["n_failing"]) == (STORM_WINDOW_WAFERS, STORM_WINDOW_WAFERS)
     assert [
-        r["id"] for r in ds.runs_of_flow(stack, "retrain", since) if r["parameters"]["model"] == model
+        r["id"] for r in pa.runs_of_flow(stack, "retrain", since) if r["parameters"]["model"] == model
     ] == [started.flow_run_id]
 
 

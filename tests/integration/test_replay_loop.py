@@ -35,6 +35,7 @@ from fabloop.adapters.store import SensorReadingRow, WindowWaferRow
 from fabloop.core.schemas import SENSOR_TOPIC
 from fabloop.mainjob import BOOTSTRAP_APPROVER
 from tests.helpers import drift as ds
+from tests.helpers import prefect_api as pa
 from tests.helpers.secom_table import LABEL_COL, TIME_COL, SecomShape, secom_table, write_parts
 from tests.helpers.stack import Broker, RunningStack, fabloop
 
@@ -65,7 +66,7 @@ def _runs(loop: Loop, flow_name: str) -> list[dict[str, Any]]:
     body = {"flows": {"name": {"any_": [flow_name]}},
             "flow_runs": {"expected_start_time": {"after_": loop.since.isoformat()}},
             "sort": "EXPECTED_START_TIME_ASC", "limit": 200}
-    return ds.api(loop.stack, "POST", "/flow_runs/filter", body)
+    return pa.api(loop.stack, "POST", "/flow_runs/filter", body)
 
 
 def _mine(loop: Loop, run: dict[str, Any]) -> bool:
@@ -83,14 +84,14 @@ def _cancel_and_settle(loop: Loop, timeout: float = 180) -> None:
     pending = []
     for name in ("drift-check", "retrain", "promote"):
         for run in _runs(loop, name):
-            if not _mine(loop, run) or run["state_type"] in ds.FINAL:
+            if not _mine(loop, run) or run["state_type"] in pa.FINAL:
                 continue
             to = ("CANCELLING", "Cancelling") if run["start_time"] else ("CANCELLED", "Cancelled")
-            ds.api(loop.stack, "POST", f"/flow_runs/{run['id']}/set_state",
+            pa.api(loop.stack, "POST", f"/flow_runs/{run['id']}/set_state",
                    {"state": {"type": to[0], "name": to[1], "message": "test teardown"}, "force": True})
             pending.append(run["id"])
     for run_id in pending:  # ended, and the retrain deployment's concurrency slot is free again
-        ds.wait_final(loop.stack, run_id, timeout)
+        pa.wait_final(loop.stack, run_id, timeout)
 
 
 @pytest.fixture
@@ -184,7 +185,7 @@ def _checks_done(loop: Loop, window_ids: list[int]) -> list[ds.DriftCheckRow] | 
     """The checks of these windows once each is stored by a finished ``drift-check`` run."""
     rows = ds.checks(loop.stack.ep.database_url, window_ids)
     runs = {r["id"]: r for r in _runs(loop, "drift-check")}
-    done = {r.window_id for r in rows if r.flow_run_id in runs and runs[r.flow_run_id]["state_type"] in ds.FINAL}
+    done = {r.window_id for r in rows if r.flow_run_id in runs and runs[r.flow_run_id]["state_type"] in pa.FINAL}
     return rows if done >= set(window_ids) else None
 
 
@@ -294,12 +295,12 @@ def test_replay_of_a_secom_shaped_history_leads_through_the_loop_to_a_drift_trig
     assert trigger.kind == "drift" and check.drifted and check.share >= 0.5, (trigger.kind, check.reason)
 
     # The retraining is the ``retrain`` deployment's run, a child of that check's run.
-    run = ds.flow_run(stack, trigger.flow_run_id)
+    run = pa.flow_run(stack, trigger.flow_run_id)
     assert run["parameters"]["model"] == model
     assert run["parameters"]["drift_check_id"] == check.id and run["parameters"]["window_ids"] == [check.window_id]
-    assert run["deployment_id"] == ds.deployment_id(stack, "retrain", "retrain")
-    assert ds.parent_flow_run_id(stack, run) == check.flow_run_id
-    assert ds.flow_run(stack, check.flow_run_id)["deployment_id"] == ds.deployment_id(
+    assert run["deployment_id"] == pa.deployment_id(stack, "retrain", "retrain")
+    assert pa.parent_flow_run_id(stack, run) == check.flow_run_id
+    assert pa.flow_run(stack, check.flow_run_id)["deployment_id"] == pa.deployment_id(
         stack, "drift-check", "drift-check"
     )
     retrains = [r for r in _runs(loop, "retrain") if r["parameters"].get("model") == model]
