@@ -21,6 +21,7 @@ from fabloop.adapters.kafka import make_producer, publish_events
 from fabloop.adapters.store import DriftCheckRow, RetrainTriggerRow, WindowRow, make_engine, sessionmaker
 from fabloop.core.schemas import SensorReading, TestResult
 from fabloop.core.scopes import ModelCatalogValue
+from tests.helpers.ingest import query
 from tests.helpers.prefect_api import FINAL, api, runs_of_flow
 from tests.helpers.stack import RunningStack
 
@@ -116,18 +117,6 @@ def set_model_overrides(overrides: dict[str, dict[str, Any] | None]) -> None:
 
 
 # --------------------------------------------------------------------------- event store
-
-
-def query(database_url: str, stmt: Any) -> list[Any]:
-    async def run() -> list[Any]:
-        engine = make_engine(database_url)
-        try:
-            async with engine.connect() as conn:
-                return list((await conn.execute(stmt)).all())
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
 
 
 def entities(database_url: str, stmt: Any) -> list[Any]:
