@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import mlflow
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from mlflow import MlflowClient  # re-exported: callers name the client type without importing mlflow
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.pandas_dataset import from_pandas
@@ -38,7 +37,9 @@ from mlflow.models import infer_signature
 from pydantic import BaseModel
 
 from fabloop.core.names import CHALLENGER, CHAMPION, PREVIOUS
-from fabloop.core.tuning import FinalModel, TrialRecord
+
+if TYPE_CHECKING:  # LightGBM is heavy to import; promotion and drift checks never train
+    from fabloop.core.tuning import FinalModel, TrialRecord
 
 __all__ = [
     "CHALLENGER", "CHAMPION", "MAX_TAG_VALUE", "MODEL_KIND_TAG", "PREVIOUS", "REFERENCE_ARTIFACT", "TAG_PREFIX",
@@ -329,6 +330,9 @@ def log_feature_importance(final: FinalModel, top: int = 25) -> None:
         label = "|coefficient| (standardised)"
     imp = pd.Series(values, index=final.feature_names).sort_values(ascending=False).head(top)[::-1]
     # A bare Figure, not pyplot: no process-wide backend or figure registry in a worker.
+    # Lazy: matplotlib is needed only when a model is logged.
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 0.28 * len(imp) + 1.2))
     ax = fig.subplots()
     ax.barh(imp.index, imp.values, color="#3b6ea8")

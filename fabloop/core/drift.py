@@ -35,7 +35,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sklearn.metrics import roc_auc_score
 
 # Tests whose score is a p-value (drift when the p-value is *below* the threshold);
 # every other registered test returns a distance/divergence (drift when *above*).
@@ -697,6 +696,10 @@ def performance_drift(
         )
         parts.append(auc_note)
     else:
+        # Lazy: scikit-learn (through SciPy) takes seconds to import, and a drift check
+        # without labelled wafers, or without a champion, never needs it.
+        from sklearn.metrics import roc_auc_score
+
         roc_auc = float(roc_auc_score(t, s))
         auc_drop = reference_auc - roc_auc
         auc_note = None
