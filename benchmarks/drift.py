@@ -23,7 +23,8 @@ import pandas as pd
 from evidently import Report
 from evidently.presets import DataDriftPreset
 
-from fabloop.core.drift import DriftPolicy, check_drift
+from fabloop.core.drift import check_drift
+from fabloop.core.policies import DriftPolicy
 
 
 def make_data(n_ref: int, n_cur: int, n_features: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:

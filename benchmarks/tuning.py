@@ -32,7 +32,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_score
 
-from fabloop.core.training import RetrainPolicy
+from fabloop.core.policies import RetrainPolicy
 from fabloop.core.tuning import time_folds, tune
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from fabloop.core.drift import DriftPolicy
-from fabloop.core.training import RetrainPolicy
+from fabloop.core.policies import DriftPolicy, RetrainPolicy
 
 
 class DriftPolicyBlock(Block):

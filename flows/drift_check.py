@@ -21,8 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from fabloop.adapters import registry
 from fabloop.adapters.registry import MlflowClient
 from fabloop.blocks import DEFAULT, DriftPolicyBlock, FabloopDatabase, MLflowServer, load_block
-from fabloop.core.drift import DriftPolicy
 from fabloop.core.names import DRIFT_DETECTED, RETRAIN_DEPLOYMENT, model_resource
+from fabloop.core.policies import DriftPolicy
 from fabloop.core.verdict import WindowVerdict, judge_window
 from fabloop.tasks.checks import (
     WindowCheck,

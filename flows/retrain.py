@@ -21,8 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from fabloop.adapters import registry, store
 from fabloop.blocks import DEFAULT, FabloopDatabase, MLflowServer, ModelCatalog, RetrainPolicyBlock, load_block
 from fabloop.core.names import CHALLENGER_REGISTERED, CHALLENGER_REJECTED, PROMOTE_DEPLOYMENT, model_resource
+from fabloop.core.policies import RetrainPolicy
 from fabloop.core.scopes import ModelCatalogValue
-from fabloop.core.training import DataGateError, RetrainPolicy, data_hash
+from fabloop.core.training import DataGateError, data_hash
 from fabloop.core.validation import GateVerdict, judge_challenger
 from fabloop.tasks.retraining import (
     Training,

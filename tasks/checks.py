@@ -20,15 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fabloop.adapters import registry, store
 from fabloop.adapters.registry import MlflowClient, ModelVersion
-from fabloop.core.drift import (
-    DriftPolicy,
-    DriftResult,
-    PerformanceDriftResult,
-    check_drift,
-    drift_report_html,
-    performance_drift,
-)
+from fabloop.core.drift import DriftResult, PerformanceDriftResult, check_drift, drift_report_html, performance_drift
 from fabloop.core.names import CHAMPION, artifact_key
+from fabloop.core.policies import DriftPolicy
 from fabloop.core.reports import drift_markdown
 from fabloop.core.verdict import WindowVerdict
 

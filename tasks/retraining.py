@@ -22,16 +22,10 @@ from fabloop.adapters import registry, store
 from fabloop.adapters.registry import MlflowClient
 from fabloop.core.lineage import lineage, study_name
 from fabloop.core.names import CHALLENGER, CHAMPION, RETRAIN_REJECTED, artifact_key, model_resource
+from fabloop.core.policies import RetrainPolicy
 from fabloop.core.reports import challenger_markdown, refused_markdown
 from fabloop.core.scopes import ModelCatalogValue, ModelSpec
-from fabloop.core.training import (
-    GateReport,
-    RetrainPolicy,
-    Split,
-    gate_training_set,
-    holdout_metrics,
-    time_ordered_split,
-)
+from fabloop.core.training import GateReport, Split, gate_training_set, holdout_metrics, time_ordered_split
 from fabloop.core.tuning import FinalModel, TuneResult, time_folds, tune
 from fabloop.core.validation import GateVerdict
 

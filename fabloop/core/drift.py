@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import datetime, timedelta
 from functools import cache
 from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from fabloop.core.policies import DriftPolicy
 
 # Tests whose score is a p-value (drift when the p-value is *below* the threshold);
 # every other registered test returns a distance/divergence (drift when *above*).
@@ -66,17 +67,13 @@ def _ev() -> SimpleNamespace:
     import evidently
     from evidently.core.datasets import infer_column_type
     from evidently.legacy.calculations import stattests
-    from evidently.legacy.calculations.stattests.registry import (
-        _registered_stat_tests,
-        get_stattest,
-    )
+    from evidently.legacy.calculations.stattests.registry import get_stattest
     from evidently.legacy.core import ColumnType
     from evidently.legacy.options.data_drift import DataDriftOptions
 
     return SimpleNamespace(
         version=evidently.__version__,
         infer_column_type=infer_column_type,
-        registered=_registered_stat_tests,
         get_stattest=get_stattest,
         stattests=stattests,
         ColumnType=ColumnType,
@@ -84,129 +81,15 @@ def _ev() -> SimpleNamespace:
     )
 
 
-def _check_stattest_name(name: str, where: str) -> str:
-    registered = _ev().registered
-    if name not in registered:
-        raise ValueError(f"{where}: unknown stattest {name!r}; Evidently knows {sorted(registered)}")
-    return name
-
-
-# --------------------------------------------------------------------------- policy
-
-
-class _PolicyFields(BaseModel):
-    """Validation shared by the policy and its per-model partial overrides."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("stattest", check_fields=False)
-    @classmethod
-    def _known_stattest(cls, v: str | None) -> str | None:
-        return None if v is None else _check_stattest_name(v, "stattest")
-
-    @field_validator("per_feature_stattest", check_fields=False)
-    @classmethod
-    def _known_feature_stattests(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        for feature, name in (v or {}).items():
-            _check_stattest_name(name, f"per_feature_stattest[{feature!r}]")
-        return v
-
-
-class DriftPolicyOverride(_PolicyFields):
-    """A partial :class:`DriftPolicy` for one model; only the fields set here apply.
-
-    Dict fields (``per_feature_stattest``, ``per_feature_threshold``) are merged into
-    the base policy's (the override wins per sensor); every other field replaces.
-    Setting ``stattest=None`` explicitly returns that model to Evidently's defaults.
-    """
-
-    stattest: str | None = None
-    stattest_threshold: float | None = Field(default=None, gt=0)
-    per_feature_stattest: dict[str, str] | None = None
-    per_feature_threshold: dict[str, float] | None = None
-    drift_share: float | None = Field(default=None, gt=0, le=1)
-    critical_sensors: list[str] | None = None
-    min_window_rows: int | None = Field(default=None, ge=1)
-    min_feature_values: int | None = Field(default=None, ge=1)
-    cooldown_minutes: float | None = Field(default=None, ge=0)
-    roc_auc_drop_tolerance: float | None = Field(default=None, ge=0, le=1)
-    fail_rate_tolerance: float | None = Field(default=None, ge=0, le=1)
-    min_labelled_wafers: int | None = Field(default=None, ge=1)
-    min_failing_wafers: int | None = Field(default=None, ge=1)
-
-
-class DriftPolicy(_PolicyFields):
-    """How a window is judged against the champion's reference data.
-
-    A plain value model: the lead wraps it in a Prefect Block so operators can tune
-    it per model without a deploy. Stattest names are Evidently's registry names
-    (``ks``, ``wasserstein``, ``psi``, ``jensenshannon``, ...).
-    """
-
-    stattest: str | None = Field(
-        default=None,
-        description="Test for every sensor; None = Evidently's default per column (by sample size and type).",
+def _evidently_options(policy: DriftPolicy) -> Any:
+    """The policy as Evidently's ``DataDriftOptions``: Evidently resolves each sensor's test from it."""
+    return _ev().DataDriftOptions(
+        drift_share=policy.drift_share,
+        all_features_stattest=policy.stattest,
+        all_features_threshold=policy.stattest_threshold,
+        per_feature_stattest=dict(policy.per_feature_stattest) or None,
+        per_feature_threshold=dict(policy.per_feature_threshold) or None,
     )
-    stattest_threshold: float | None = Field(
-        default=None, gt=0, description="Threshold for every sensor; None = the test's own default."
-    )
-    per_feature_stattest: dict[str, str] = Field(default_factory=dict)
-    per_feature_threshold: dict[str, float] = Field(default_factory=dict)
-    drift_share: float = Field(
-        default=0.5, gt=0, le=1, description="Dataset drift when the share of drifted sensors is >= this."
-    )
-    critical_sensors: list[str] = Field(
-        default_factory=list, description="Any of these drifting is dataset drift on its own."
-    )
-    min_window_rows: int = Field(default=100, ge=1, description="Fewer wafers in the window: no verdict.")
-    min_feature_values: int = Field(
-        default=10, ge=1, description="Fewer finite values of a sensor on either side: not tested."
-    )
-    cooldown_minutes: float = Field(default=60, ge=0, description="No new retrain trigger this soon after one.")
-    roc_auc_drop_tolerance: float = Field(default=0.05, ge=0, le=1)
-    fail_rate_tolerance: float = Field(default=0.05, ge=0, le=1)
-    min_labelled_wafers: int = Field(default=30, ge=1, description="Fewer labelled wafers: no performance verdict.")
-    min_failing_wafers: int = Field(
-        default=10, ge=1, description="Fewer failing (or passing) wafers: no ROC-AUC verdict, it would be noise."
-    )
-    overrides: dict[str, DriftPolicyOverride] = Field(default_factory=dict)
-
-    @field_validator("per_feature_threshold")
-    @classmethod
-    def _positive_thresholds(cls, v: dict[str, float]) -> dict[str, float]:
-        for feature, t in v.items():
-            if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-                raise ValueError(f"per_feature_threshold[{feature!r}] must be a positive number, got {t!r}")
-        return v
-
-    def for_model(self, name: str) -> DriftPolicy:
-        """The policy for model ``name``: this one with that model's override applied."""
-        override = self.overrides.get(name)
-        base = self.model_dump(exclude={"overrides"})
-        if override is not None:
-            # None means "not overridden": a block saved from the UI stores every
-            # field of the override, unset ones as null.
-            for field, value in override.model_dump(exclude_unset=True).items():
-                if value is None:
-                    continue
-                if field in ("per_feature_stattest", "per_feature_threshold"):
-                    base[field] = {**base[field], **value}
-                else:
-                    base[field] = value
-        return DriftPolicy(**base)
-
-    def in_cooldown(self, last_trigger: datetime | None, now: datetime) -> bool:
-        """True while a retrain triggered at ``last_trigger`` still blocks a new one."""
-        return last_trigger is not None and now - last_trigger < timedelta(minutes=self.cooldown_minutes)
-
-    def _evidently_options(self) -> Any:
-        return _ev().DataDriftOptions(
-            drift_share=self.drift_share,
-            all_features_stattest=self.stattest,
-            all_features_threshold=self.stattest_threshold,
-            per_feature_stattest=dict(self.per_feature_stattest) or None,
-            per_feature_threshold=dict(self.per_feature_threshold) or None,
-        )
 
 
 # --------------------------------------------------------------------------- results
@@ -512,7 +395,7 @@ def check_drift(
             untested=chosen, features=[], common=common,
         )
 
-    options = policy._evidently_options()
+    options = _evidently_options(policy)
     results = [_check_feature(f, reference[f], current[f], options, policy) for f in chosen]
     tested = [r for r in results if r.status == "ok"]
     untested = [r.feature for r in results if r.status != "ok"]

@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 
-from fabloop.core.training import RetrainPolicy
+from fabloop.core.policies import RetrainPolicy
 
 # Longest text kept in a lineage tag.
 MAX_TAG_TEXT = 5000

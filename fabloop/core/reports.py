@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from fabloop.core.drift import DriftResult, PerformanceDriftResult
-from fabloop.core.tuning import TuneResult
 from fabloop.core.validation import GateVerdict
+
+if TYPE_CHECKING:  # tuning brings LightGBM and Optuna, which a drift check's report does not need
+    from fabloop.core.tuning import TuneResult
 
 METRICS = ("roc_auc", "pr_auc", "recall_at_op", "precision_at_op", "fail_rate")
 

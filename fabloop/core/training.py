@@ -18,74 +18,18 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 from sklearn.metrics import average_precision_score, roc_auc_score
+
+from fabloop.core.policies import RetrainPolicy
 
 
 class DataGateError(ValueError):
     """The training set is not fit to train on; the message names what and where."""
-
-
-class RetrainPolicy(BaseModel):
-    """Everything that decides how a scope (tool/chamber/recipe) is retrained and judged.
-
-    A plain value model: the lead wraps it in a Prefect Block so operators can edit it
-    per scope without a deploy.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # --- tuning budget -------------------------------------------------------------
-    n_trials: int = Field(30, ge=1, description="Optuna trials per retrain (per worker).")
-    timeout_s: float | None = Field(600.0, gt=0, description="Wall-clock cap on the search.")
-    n_folds: int = Field(3, ge=2, description="Forward-chaining time folds for CV.")
-    min_train_share: float = Field(
-        0.5, gt=0, lt=1, description="Share of the tuning rows the first fold trains on."
-    )
-    max_boost_rounds: int = Field(1000, ge=10)
-    early_stopping_rounds: int = Field(50, ge=5)
-    max_bin: int = Field(
-        63, ge=7, le=255, description="Fixed for the whole study: binned datasets are reused."
-    )
-    num_threads: int = Field(
-        2, ge=1, description="Folds boosted in parallel, one LightGBM thread each (2 shared cores)."
-    )
-    # --- data gate -----------------------------------------------------------------
-    min_rows: int = Field(200, ge=10)
-    max_missing_share: float = Field(0.5, ge=0, le=1, description="Per feature.")
-    missing_action: Literal["fail", "drop"] = Field(
-        "fail", description="'fail' refuses the set; 'drop' removes the feature and lists it."
-    )
-    min_class_count: int = Field(10, ge=1, description="Minimum wafers of each class.")
-    # --- split -----------------------------------------------------------------------
-    holdout_share: float = Field(0.15, gt=0, lt=0.5)
-    validation_share: float = Field(0.15, gt=0, lt=0.5)
-    # --- operating point for "recall at operating point" ------------------------------
-    target_recall: float | None = Field(
-        0.8, gt=0, le=1, description="Pick the highest threshold that catches this share of fails."
-    )
-    threshold: float | None = Field(None, description="Fixed score threshold instead.")
-    # --- challenger vs champion gate ---------------------------------------------------
-    min_roc_auc: float = Field(0.7, ge=0, le=1, description="Absolute floor on holdout ROC-AUC.")
-    max_regression: float = Field(
-        0.01, ge=0, description="Largest holdout ROC-AUC drop vs champion that is tolerated."
-    )
-    required_gain: float = Field(
-        0.0, ge=0, description="Holdout ROC-AUC gain over champion needed to promote."
-    )
-    seed: int = 42
-
-    @model_validator(mode="after")
-    def _one_operating_point(self) -> RetrainPolicy:
-        if (self.target_recall is None) == (self.threshold is None):
-            raise ValueError("set exactly one of target_recall or threshold")
-        if self.holdout_share + self.validation_share >= 0.8:
-            raise ValueError("holdout_share + validation_share leaves too little to train on")
-        return self
 
 
 class GateReport(BaseModel):

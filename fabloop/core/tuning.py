@@ -48,7 +48,8 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from fabloop.core.training import DataGateError, RetrainPolicy
+from fabloop.core.policies import RetrainPolicy
+from fabloop.core.training import DataGateError
 
 Fold = tuple[np.ndarray, np.ndarray]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from fabloop.core.training import RetrainPolicy
+from fabloop.core.policies import RetrainPolicy
 
 
 class GateVerdict(BaseModel):

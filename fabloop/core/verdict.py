@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from fabloop.core.drift import DriftPolicy, DriftResult, PerformanceDriftResult
+from fabloop.core.drift import DriftResult, PerformanceDriftResult
+from fabloop.core.policies import DriftPolicy
 
 WindowStatus = Literal["ok", "window_too_small", "no_testable_features", "no_champion"]
 TriggerKind = Literal["first_training", "drift", "performance"]

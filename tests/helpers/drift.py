@@ -102,7 +102,7 @@ def set_model_overrides(overrides: dict[str, dict[str, Any] | None]) -> None:
     ``test_a_partial_model_override_saved_in_the_block_keeps_the_base_policy``).
     """
     from fabloop.blocks import DEFAULT, DriftPolicyBlock
-    from fabloop.core.drift import DriftPolicyOverride
+    from fabloop.core.policies import DriftPolicyOverride
 
     block = DriftPolicyBlock.load(DEFAULT)
     merged = dict(block.policy.overrides)

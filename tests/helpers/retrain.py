@@ -137,7 +137,7 @@ def build_fab(stack: RunningStack, broker: Broker) -> Fab:
 def save_retrain_policy(**fields: Any) -> str:
     """A RetrainPolicy block of the test's own (small budget unless told otherwise)."""
     from fabloop.blocks import RetrainPolicyBlock
-    from fabloop.core.training import RetrainPolicy
+    from fabloop.core.policies import RetrainPolicy
 
     name = f"retrain-test-{uuid.uuid4().hex[:8]}"
     RetrainPolicyBlock(policy=RetrainPolicy(**{"n_trials": 8, "timeout_s": 120, **fields})).save(name, overwrite=True)

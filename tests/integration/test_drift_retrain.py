@@ -70,7 +70,7 @@ _MODELS: list[str] = []  # every model these tests create, for the teardown abov
 def retrain_policy(stack: RunningStack) -> str:
     """A small tuning budget for the set-up champions (the deployments keep the default block)."""
     from fabloop.blocks import RetrainPolicyBlock
-    from fabloop.core.training import RetrainPolicy
+    from fabloop.core.policies import RetrainPolicy
 
     name = f"drift-test-{uuid.uuid4().hex[:6]}"
     RetrainPolicyBlock(policy=RetrainPolicy(n_trials=5, timeout_s=60)).save(name, overwrite=True)
@@ -87,7 +87,7 @@ def _kafka_group() -> str:
 def _run_ingest(stack: RunningStack, broker: Broker) -> str:
     """The real ``fabloop ingest`` against the stack's event store and Prefect server."""
     proc = subprocess.run(
-        [sys.executable, "-m", "fabloop.cli", "ingest", "--bootstrap-servers", broker.bootstrap, "--max-idle", "6"],
+        [sys.executable, "-m", "fabloop.cli", "ingest", "--bootstrap-servers", broker.bootstrap, "--max-idle", "3"],
         env={**os.environ, **stack.env, "COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -253,7 +253,7 @@ def test_a_storm_of_50_breaching_windows_starts_one_retraining_and_records_49_su
     stack: RunningStack, broker: Broker, deployed: datetime, retrain_policy: str
 ) -> None:
     from fabloop.blocks import DriftPolicyBlock
-    from fabloop.core.drift import DriftPolicy
+    from fabloop.core.policies import DriftPolicy
     from fabloop.flows.drift_check import drift_check
 
     db, tracking_uri = stack.ep.database_url, stack.ep.mlflow_tracking_uri
@@ -342,7 +342,7 @@ def test_a_storm_of_50_breaching_windows_starts_one_retraining_and_records_49_su
 def test_a_partial_model_override_saved_in_the_block_keeps_the_base_policy(stack: RunningStack) -> None:
     """The UI's Blocks page path: one model gets a longer cooldown, the rest of the policy stays."""
     from fabloop.blocks import DriftPolicyBlock
-    from fabloop.core.drift import DriftPolicy, DriftPolicyOverride
+    from fabloop.core.policies import DriftPolicy, DriftPolicyOverride
 
     name = f"override-{uuid.uuid4().hex[:6]}"
     DriftPolicyBlock(policy=DriftPolicy(stattest="psi", drift_share=0.3, overrides={

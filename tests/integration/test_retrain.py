@@ -27,7 +27,8 @@ from fabloop.adapters import registry, store
 from fabloop.adapters.store import make_engine
 from fabloop.blocks import ModelCatalog
 from fabloop.core.names import CHALLENGER_REJECTED, RETRAIN_REJECTED
-from fabloop.core.training import DataGateError, RetrainPolicy, data_hash, gate_training_set
+from fabloop.core.policies import RetrainPolicy
+from fabloop.core.training import DataGateError, data_hash, gate_training_set
 from fabloop.flows.retrain import retrain
 from tests.helpers.promotion import events
 from tests.helpers.retrain import (

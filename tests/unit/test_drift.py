@@ -10,13 +10,8 @@ import pytest
 from evidently import Report
 from evidently.presets import DataDriftPreset
 
-from fabloop.core.drift import (
-    DriftPolicy,
-    DriftPolicyOverride,
-    check_drift,
-    drift_report_html,
-    performance_drift,
-)
+from fabloop.core.drift import check_drift, drift_report_html, performance_drift
+from fabloop.core.policies import DriftPolicy, DriftPolicyOverride
 
 LOOSE = DriftPolicy(min_window_rows=1)
 

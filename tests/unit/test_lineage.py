@@ -6,7 +6,7 @@ import hashlib
 import json
 
 from fabloop.core.lineage import SEARCH_SETUP_FIELDS, lineage, offsets_text, study_name
-from fabloop.core.training import RetrainPolicy
+from fabloop.core.policies import RetrainPolicy
 
 
 def test_offsets_text_sorts_windows_and_partitions() -> None:

@@ -7,14 +7,8 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from fabloop.core.training import (
-    DataGateError,
-    RetrainPolicy,
-    data_hash,
-    gate_training_set,
-    holdout_metrics,
-    time_ordered_split,
-)
+from fabloop.core.policies import RetrainPolicy
+from fabloop.core.training import DataGateError, data_hash, gate_training_set, holdout_metrics, time_ordered_split
 
 FEATURES = [f"f{i}" for i in range(8)]
 

@@ -7,7 +7,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from fabloop.core.training import DataGateError, RetrainPolicy
+from fabloop.core.policies import RetrainPolicy
+from fabloop.core.training import DataGateError
 from fabloop.core.tuning import TrialRecord, time_folds, tune
 
 

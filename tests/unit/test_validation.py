@@ -1,4 +1,4 @@
-from fabloop.core.training import RetrainPolicy
+from fabloop.core.policies import RetrainPolicy
 from fabloop.core.validation import judge_challenger
 
 

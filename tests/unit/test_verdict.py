@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fabloop.core.drift import DriftPolicy, DriftResult, PerformanceDriftResult
+from fabloop.core.drift import DriftResult, PerformanceDriftResult
+from fabloop.core.policies import DriftPolicy
 from fabloop.core.verdict import judge_window
 
 POLICY = DriftPolicy(min_window_rows=100)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fabloop.adapters.store._engine import sessionmaker
 from fabloop.adapters.store._schema import DriftCheckRow, FeatureDriftRow
-from fabloop.core.drift import FeatureDrift
+
+if TYPE_CHECKING:  # the drift module brings pandas: a store opened by ingest does not need it
+    from fabloop.core.drift import FeatureDrift
 
 
 async def already_checked(engine: AsyncEngine, window_id: int) -> int | None:

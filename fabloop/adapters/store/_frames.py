@@ -8,15 +8,16 @@ a result yet is simply unlabeled (``failed`` is NaN). Label convention: 1 = fail
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
-import pandas as pd
 from sqlalchemy import Select, and_, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fabloop.adapters.store._schema import SensorReadingRow, TestResultRow, WindowRow, WindowWaferRow
 from fabloop.core.scopes import ModelSpec
+
+if TYPE_CHECKING:  # pandas is imported where a frame is built: ingest opens the store without it
+    import pandas as pd
 
 META = ["event_id", "ts", "wafer", "lot", "tool", "chamber", "recipe"]
 LABEL = "failed"
@@ -48,6 +49,9 @@ def _labelled_select(*where: Any) -> Select[Any]:
 
 
 def _frame(rows: list[Any]) -> pd.DataFrame:
+    import orjson
+    import pandas as pd
+
     if not rows:
         return pd.DataFrame(columns=[*META, LABEL, "tested_at"])
     meta = pd.DataFrame([r[:7] for r in rows], columns=META)

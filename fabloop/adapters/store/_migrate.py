@@ -10,16 +10,15 @@ finds the schema at head and changes nothing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.config import Config
-from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect, text
 
 from fabloop.adapters.store._engine import make_sync_engine, sync_url
 from fabloop.adapters.store._schema import Base
+
+if TYPE_CHECKING:  # Alembic is imported when a migration runs, not by every process that opens the store
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BASELINE = "0001"  # the revision that creates the schema stores had before Alembic
@@ -31,6 +30,8 @@ VERSION_TABLE = "fabloop_schema_version"
 
 def alembic_config(url: str, connection: Connection | None = None) -> Config:
     """Alembic's configuration, built in code: the migrations folder and the database."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     # ConfigParser interpolates "%" (percent-encoded passwords): escape it.
@@ -48,6 +49,8 @@ def _lock(conn: Connection) -> None:
 
 def migrate(url: str) -> None:
     """Bring the event store at ``url`` to the newest schema (``alembic upgrade head``)."""
+    from alembic import command
+
     engine = make_sync_engine(url)
     try:
         with engine.begin() as conn:
@@ -64,6 +67,8 @@ def migrate(url: str) -> None:
 
 def current_revision(url: str) -> str | None:
     """The schema revision the store at ``url`` is at (None: never migrated)."""
+    from alembic.migration import MigrationContext
+
     engine = make_sync_engine(url)
     try:
         with engine.connect() as conn:
@@ -79,6 +84,9 @@ def _ours(name: str | None, type_: str, _parent: Any) -> bool:
 
 def schema_drift(url: str) -> list[Any]:
     """Differences between the store at ``url`` and the ORM rows (empty: migrations and models agree)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
     engine = make_sync_engine(url)
     try:
         with engine.connect() as conn:
