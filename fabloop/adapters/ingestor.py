@@ -199,11 +199,11 @@ class Ingestor:
                 if not self.consumer.assignment():
                     last_msg = time.monotonic()  # idle time counts only once we own partitions
                 if msgs:
-                    last_msg = time.monotonic()
                     stats = await self.process_batch(msgs)
                     self.totals.add(stats)
                     if self.on_batch:
                         self.on_batch(stats)
+                    last_msg = time.monotonic()  # idle is time without messages, not time spent storing them
                 elif max_idle_s is not None and time.monotonic() - last_msg > max_idle_s:
                     break
                 if time.monotonic() - last_window_check > self.settings.window_check_interval_s:

@@ -17,7 +17,7 @@ from tests.helpers.stack import REPO, Broker, RunningStack
 
 
 def start_ingest(
-    stack: RunningStack, broker: Broker, db: str, *extra: str, max_idle: float = 8
+    stack: RunningStack, broker: Broker, db: str, *extra: str, max_idle: float = 3
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "fabloop.cli", "ingest", "--bootstrap-servers", broker.bootstrap,

@@ -136,7 +136,7 @@ def _replay(stack: RunningStack, broker: Broker, table: Path, tool: str) -> str:
 
 def _ingest(stack: RunningStack, broker: Broker) -> str:
     """The real ``fabloop ingest`` into the stack's event store (its ``default`` database block)."""
-    return fabloop("ingest", "--bootstrap-servers", broker.bootstrap, "--max-idle", "6", env=stack.env,
+    return fabloop("ingest", "--bootstrap-servers", broker.bootstrap, "--max-idle", "3", env=stack.env,
                    timeout=300).stdout
 
 
