@@ -11,7 +11,7 @@ if __name__ != "fabloop.deployments":
     )
 
 from fabloop.core.names import DRIFT_CHECK_DEPLOYMENT, INGEST_DEPLOYMENT, PROMOTE_DEPLOYMENT, RETRAIN_DEPLOYMENT
-from fabloop.deployments.process import PREFECT_YAML, PULL_STEPS, WORK_POOL, WORK_POOL_TYPE, deploy
+from fabloop.deployments.process import PREFECT_YAML, PULL_STEPS, PYTHON_VAR, WORK_POOL, WORK_POOL_TYPE, deploy
 
 DEPLOYMENTS = (INGEST_DEPLOYMENT, DRIFT_CHECK_DEPLOYMENT, RETRAIN_DEPLOYMENT, PROMOTE_DEPLOYMENT)
 """Every deployment ``prefect.yaml`` defines, as ``flow-name/deployment-name`` (what run_deployment takes)."""
@@ -28,6 +28,6 @@ def flow_name(deployment: str) -> str:
 
 
 __all__ = [
-    "DEPLOYMENTS", "PREFECT_YAML", "PULL_STEPS", "WORK_POOL", "WORK_POOL_TYPE", "deploy", "deployment_name",
-    "flow_name",
+    "DEPLOYMENTS", "PREFECT_YAML", "PULL_STEPS", "PYTHON_VAR", "WORK_POOL", "WORK_POOL_TYPE", "deploy",
+    "deployment_name", "flow_name",
 ]

@@ -24,6 +24,7 @@ from fabloop.deployments import (
     DEPLOYMENTS,
     PREFECT_YAML,
     PULL_STEPS,
+    PYTHON_VAR,
     WORK_POOL,
     WORK_POOL_TYPE,
     deployment_name,
@@ -108,6 +109,8 @@ def test_every_deployment_runs_on_the_process_pool_from_the_checkout() -> None:
     assert project()["pull"] == PULL_STEPS
     for spec in project()["deployments"]:
         assert spec["work_pool"]["name"] == WORK_POOL, spec["name"]
+        # The engine started directly, in the venv deploy ran from: one process per run.
+        assert spec["work_pool"]["job_variables"]["command"] == "{{ $" + PYTHON_VAR + " }} -m prefect.engine"
 
 
 def test_deployment_names_split_into_flow_and_deployment() -> None:
