@@ -24,8 +24,29 @@ from fabloop.adapters.kafka import broker_healthy, ensure_topics
 from fabloop.core.schemas import TOPICS
 from fabloop.infra.process import ProcessManager, free_port, wait_until
 from fabloop.infra.stack import broker_command
+from tests.helpers import mainjob
 from tests.helpers.promotion import PromotionLauncher, session_launcher
 from tests.helpers.stack import Broker, RunningStack, fabloop, start_stack
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The main job's tests run last: the job itself runs beside the rest of the suite (see below)."""
+    items.sort(key=lambda item: item.path.is_relative_to(mainjob.E2E_DIR))  # stable: the order stays otherwise
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the main job on its own stack as soon as its tests are selected (tests.helpers.mainjob)."""
+    if session.config.option.collectonly:
+        return
+    if any(item.path.is_relative_to(mainjob.E2E_DIR) for item in session.items):
+        mainjob.start(Path(tempfile.mkdtemp(prefix="fabloop-mainjob-")))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Whatever happened to its tests, the main job and its stack end with the session."""
+    job = mainjob.running()
+    if job is not None:
+        job.stop()
 
 
 @pytest.fixture(scope="session")

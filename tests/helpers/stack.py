@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from fabloop.infra.process import free_port
 from fabloop.infra.settings import StackEndpoints, prefect_env
 
@@ -61,3 +63,17 @@ class Broker:
     @property
     def conf(self) -> dict[str, str]:
         return {"bootstrap.servers": self.bootstrap}
+
+
+def stack_processes(home: Path) -> list[psutil.Process]:
+    """Every process of the stack at ``home``: its components and what they started (flow runs)."""
+    return [p for p in psutil.process_iter(["cmdline", "environ"]) if _belongs_to(p, str(home))]
+
+
+def _belongs_to(proc: psutil.Process, home: str) -> bool:
+    try:
+        cmd = " ".join(proc.info["cmdline"] or [])
+        env = proc.info["environ"] or {}
+        return home in cmd or env.get("FABLOOP_HOME") == home or home in env.get("PREFECT_HOME", "")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False

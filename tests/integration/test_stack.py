@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from fabloop.adapters.kafka import topic_partitions
 from fabloop.adapters.store import current_revision, schema_drift
 from fabloop.infra.process import free_port
 from fabloop.infra.settings import StackEndpoints
-from tests.helpers.stack import RunningStack, fabloop, start_stack
+from tests.helpers.stack import RunningStack, fabloop
 
 pytestmark = pytest.mark.integration
 
@@ -74,29 +72,6 @@ def test_port_in_use_gives_a_clear_error(tmp_path: Path) -> None:
     assert out.returncode != 0
     assert f"port {taken}" in out.stdout + out.stderr and "prefect" in out.stdout + out.stderr
     assert not list((tmp_path / "home" / "run").glob("*.json"))  # nothing was started
-
-
-def test_down_leaves_no_process_behind(tmp_path: Path) -> None:
-    """A second stack side by side: up, collect every process it runs, down, none left."""
-    running = start_stack(tmp_path / "home2")
-    home = str(running.ep.home)
-    ours = [p for p in psutil.process_iter(["cmdline", "environ"]) if _belongs_to(p, home)]
-    assert len(ours) >= 4, "expected broker, Prefect server, MLflow server and worker"
-    fabloop("down", env=running.env)
-    gone, alive = psutil.wait_procs(ours, timeout=10)
-    assert not alive, f"still running after down: {[p.pid for p in alive]}"
-    time.sleep(0.5)
-    assert not [p for p in psutil.process_iter(["cmdline", "environ"]) if _belongs_to(p, home)]
-    assert fabloop("status", env=running.env, check=False).returncode == 1
-
-
-def _belongs_to(proc: psutil.Process, home: str) -> bool:
-    try:
-        cmd = " ".join(proc.info["cmdline"] or [])
-        env = proc.info["environ"] or {}
-        return home in cmd or env.get("FABLOOP_HOME") == home or home in env.get("PREFECT_HOME", "")
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def test_stack_json_records_the_endpoints(stack: RunningStack) -> None:
