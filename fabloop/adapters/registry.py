@@ -376,14 +376,20 @@ def load_scorer(client: MlflowClient, version: ModelVersion) -> Scorer:
 
 
 def reference_frame(client: MlflowClient, version: ModelVersion, cache_dir: Path | None = None) -> pd.DataFrame:
-    """The training-set sensors of a registered version (cached on disk per run)."""
+    """The training-set sensors of a registered version (cached on disk per run).
+
+    Checks of one model run side by side and share the cache: each downloads into a
+    private directory and moves the file into place in one step, so no check ever
+    reads a file another is still writing.
+    """
     run_id = run_id_of(version)
     cache = (cache_dir or Path(tempfile.gettempdir()) / "fabloop-reference") / run_id
-    path = cache / "sensors.parquet"
+    path = cache / Path(REFERENCE_ARTIFACT).name
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=REFERENCE_ARTIFACT, dst_path=str(cache)
-        )
-        path = Path(local)
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as staging:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=REFERENCE_ARTIFACT, dst_path=staging
+            )
+            os.replace(local, path)
     return pd.read_parquet(path)

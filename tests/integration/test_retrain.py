@@ -180,6 +180,25 @@ def test_holdout_metrics_model_dataset_and_plots_are_logged(stack: RunningStack,
     assert len(ref) == n_train and set(features) <= set(ref.columns)
 
 
+def test_checks_side_by_side_read_the_reference_whole_and_share_one_cached_copy(
+    stack: RunningStack, trained: Trained, tmp_path: Path
+) -> None:
+    """Two drift checks of a model run at once (and a burst runs many): none may read a half-written file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = mlflow_client(stack)
+    [mv] = versions(stack, trained.model)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        frames = list(pool.map(lambda _: registry.reference_frame(client, mv, cache_dir=tmp_path), range(8)))
+    cached = tmp_path / mv.run_id / "sensors.parquet"
+    assert cached.is_file() and not [p for p in cached.parent.iterdir() if p != cached], "one file, no leftovers"
+    for frame in frames:
+        pd.testing.assert_frame_equal(frame, frames[0])
+    stamp = cached.stat().st_mtime_ns
+    pd.testing.assert_frame_equal(registry.reference_frame(client, mv, cache_dir=tmp_path), frames[0])
+    assert cached.stat().st_mtime_ns == stamp, "a later check reads the cached copy, not a new download"
+
+
 def test_every_trial_is_a_nested_run_and_the_study_lives_in_the_store(stack: RunningStack, trained: Trained) -> None:
     client, summary = mlflow_client(stack), trained.summary
     parent = client.get_run(summary["run_id"])
