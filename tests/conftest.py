@@ -39,7 +39,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return
     if any(item.path.is_relative_to(mainjob.E2E_DIR) for item in session.items):
-        mainjob.start(Path(tempfile.mkdtemp(prefix="fabloop-mainjob-")))
+        mainjob.start()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

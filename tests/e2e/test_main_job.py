@@ -9,9 +9,6 @@ assert on that record.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
 
 from tests.helpers import mainjob
@@ -22,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def record() -> Record:
-    job = mainjob.running() or mainjob.start(Path(tempfile.mkdtemp(prefix="fabloop-mainjob-")))
+    job = mainjob.start()  # conftest has started it when collection selected these tests
     rec = job.wait()
     print(f"\nmain job: {rec.seconds:.0f}s in the background, exit {rec.exit_code}")
     return rec

@@ -13,11 +13,11 @@ skipped: same command, same stack, same reads as a test that waited for it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -28,9 +28,10 @@ from typing import Any
 import psutil
 from sqlalchemy import select
 
-from fabloop.adapters.store import ApprovalRow, DriftCheckRow, make_engine
+from fabloop.adapters.store import ApprovalRow, DriftCheckRow
 from fabloop.infra.process import free_port
 from fabloop.infra.settings import StackEndpoints
+from tests.helpers.ingest import query
 from tests.helpers.stack import REPO, fabloop, stack_processes
 
 E2E_DIR = Path(__file__).resolve().parents[1] / "e2e"
@@ -139,33 +140,24 @@ class BackgroundMainJob:
             self._done.set()
 
     def _read_outcome(self) -> None:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # not registry.client(): that also sets this process's tracking URI
+
+        from fabloop.adapters.registry import alias_version
+        from fabloop.core.names import CHAMPION, PREVIOUS
 
         rec = self.record
         ep = StackEndpoints.load(self.home)
         rec.result = result = json.loads((ep.home / "mainjob-result.json").read_text())
         model = result["model"]
         client = MlflowClient(ep.mlflow_tracking_uri)
-        champion = client.get_model_version_by_alias(model, "champion")
-        try:
-            previous: str | None = client.get_model_version_by_alias(model, "previous").version
-        except Exception:  # noqa: BLE001 - no such alias: the test says so
-            previous = None
-        rec.registry = Registry(champion.version, previous, dict(champion.tags))
+        champion, previous = (alias_version(client, model, alias) for alias in (CHAMPION, PREVIOUS))
+        if champion is None:
+            raise AssertionError(f"{model} has no champion after the main job")
+        rec.registry = Registry(champion.version, previous.version if previous else None, dict(champion.tags))
         check_id = int(champion.tags.get("fabloop.drift_check_id", "-1"))
-
-        async def rows() -> None:
-            engine = make_engine(ep.database_url)
-            try:
-                async with engine.connect() as conn:
-                    rec.check = (await conn.execute(select(DriftCheckRow).where(DriftCheckRow.id == check_id))).first()
-                    rec.approvals = list(
-                        (await conn.execute(select(ApprovalRow).where(ApprovalRow.model == model))).all()
-                    )
-            finally:
-                await engine.dispose()
-
-        asyncio.run(rows())
+        rows = query(ep.database_url, select(DriftCheckRow).where(DriftCheckRow.id == check_id))
+        rec.check = rows[0] if rows else None
+        rec.approvals = query(ep.database_url, select(ApprovalRow).where(ApprovalRow.model == model))
 
     def _take_down(self) -> None:
         """``fabloop down`` on the job's stack, with what ran before and what is left after."""
@@ -183,11 +175,11 @@ class BackgroundMainJob:
 _RUNNING: BackgroundMainJob | None = None
 
 
-def start(base: Path) -> BackgroundMainJob:
-    """Start the main job under ``base`` (once per session)."""
+def start() -> BackgroundMainJob:
+    """Start the main job in a new temporary directory (once per session); the running one otherwise."""
     global _RUNNING
     if _RUNNING is None:
-        _RUNNING = BackgroundMainJob(base)
+        _RUNNING = BackgroundMainJob(Path(tempfile.mkdtemp(prefix="fabloop-mainjob-")))
     return _RUNNING
 
 
