@@ -89,11 +89,20 @@ class StackEndpoints(BaseModel):
         return cls.model_validate(json.loads(path.read_text()))
 
 
+# How often a Prefect client retries a request the server answered "retry later"
+# (503, 429) or could not answer, with exponential back-off (2, 4, … 256 s). The
+# embedded server keeps its state in SQLite, which refuses a write that meets another
+# (503 "database is locked") while a burst of runs writes at once; Prefect's default
+# of 5 retries gives up after about a minute, and a drift check would then fail.
+CLIENT_MAX_RETRIES = 8
+
+
 def prefect_env(ep: StackEndpoints) -> dict[str, str]:
     """Environment for any process that talks to this stack's Prefect server."""
     return {
         "PREFECT_HOME": str(ep.home / "prefect"),
         "PREFECT_API_URL": ep.prefect_api_url,
+        "PREFECT_CLIENT_MAX_RETRIES": str(CLIENT_MAX_RETRIES),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_CLI_PROMPT": "false",
         "FABLOOP_HOME": str(ep.home),
