@@ -1,10 +1,13 @@
 """The retrain flow: event store → gated training set → Optuna/LightGBM → MLflow → gate.
 
 Started by a drift check (as its child run), on a schedule, or by hand from the UI
-with just a model name. Every step that can refuse does so loudly: a failed data
-gate fails the run, registers nothing and emits ``fabloop.retrain.rejected``; a
-challenger that loses to the champion is registered but tagged rejected, and
-production does not change.
+with just a model name. Every step that can refuse does so loudly: a refused data
+gate ends the run ``Completed`` in the state ``Refused`` (a decision, not a crash),
+registers nothing, emits ``fabloop.retrain.rejected`` and publishes what to change
+(the RetrainPolicy block's field, or the data); it counts toward the cooldown like
+any retraining. A challenger that loses to the champion is registered but tagged
+rejected, and production does not change. An unreachable MLflow, database or
+Prefect fails the run (after the tasks' retries) and decides nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.events import emit_event
+from prefect.states import Completed, State
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fabloop.adapters import registry, store
@@ -42,6 +46,9 @@ from fabloop.tasks.retraining import (
     train_challenger,
 )
 
+# The name of the Completed state of a retraining the data gate refused.
+REFUSED = "Refused"
+
 
 @flow(name="retrain", log_prints=True)
 def retrain(
@@ -53,22 +60,30 @@ def retrain(
     policy_block: str = DEFAULT,
     catalog_block: str = DEFAULT,
     promotion: str = "deployment",
-) -> dict[str, Any]:
+) -> dict[str, Any] | State[dict[str, Any]]:
     """Retrain ``model`` on its scope's labelled wafers and offer the result as challenger.
 
     ``promotion``: ``deployment`` starts the ``promote`` deployment as a child run
     (the approval pause lives there); ``off`` stops after the challenger gate.
+    Returns the summary, or for a refused training set a ``Completed`` state named
+    ``Refused`` whose result says why.
     """
     reasons = reasons or ["manual"]
     window_ids = window_ids or []
     database = load_block(FabloopDatabase)
     engine = database.get_engine()
-    tracking_uri = load_block(MLflowServer).tracking_uri
+    tracking_uri = load_block(MLflowServer).login()
     policy = load_block(RetrainPolicyBlock, policy_block).policy
     catalog = load_block(ModelCatalog, catalog_block).value()
     outcome = "failed"
     try:
-        training_set = _training_set(engine, catalog, policy, model, reasons, window_ids)
+        try:
+            training_set = _training_set(engine, catalog, policy, policy_block, model, reasons, window_ids)
+        except DataGateError as exc:
+            outcome = "refused"  # the data gate said no: nothing was registered
+            get_run_logger().warning("retraining of %s refused by the data gate: %s", model, exc)
+            return Completed(name=REFUSED, message=f"refused by the data gate: {exc}",
+                             data={"model": model, "refused": str(exc), "policy_block": policy_block})
         tags = lineage_tags(engine, model, reasons, window_ids, training_set.digest, drift_check_id)
         client = registry.client(tracking_uri)
         training = train_challenger(client, model, training_set, tags, policy,
@@ -85,17 +100,14 @@ def retrain(
             summary["promote_flow_run"] = _start_promotion(summary, reasons, window_ids, drift_check_id)
         outcome = "challenger" if verdict.passed else "rejected"
         return summary
-    except DataGateError:
-        outcome = "refused"  # the data gate said no: nothing was registered
-        raise
     finally:
         if trigger_id is not None:
             finish_trigger(engine, trigger_id, outcome)
 
 
 def _training_set(
-    engine: AsyncEngine, catalog: ModelCatalogValue, policy: RetrainPolicy, model: str, reasons: list[str],
-    window_ids: list[int],
+    engine: AsyncEngine, catalog: ModelCatalogValue, policy: RetrainPolicy, policy_block: str, model: str,
+    reasons: list[str], window_ids: list[int],
 ) -> TrainingSet:
     """The scope's labelled wafers through the data gate; a refusal is published, then raised."""
     logger = get_run_logger()
@@ -105,7 +117,7 @@ def _training_set(
     try:
         gate, split = data_gate(frame, policy)
     except DataGateError as exc:
-        refuse(model, str(exc), reasons, window_ids, len(frame))
+        refuse(model, str(exc), reasons, window_ids, len(frame), policy_block)
         raise
     if gate.dropped_constant:
         logger.info("constant sensors dropped: %s", ", ".join(gate.dropped_constant))

@@ -28,6 +28,7 @@ from fabloop.core.scopes import ModelCatalogValue, ModelSpec
 from fabloop.core.training import GateReport, Split, gate_training_set, holdout_metrics, time_ordered_split
 from fabloop.core.tuning import FinalModel, TuneResult, time_folds, tune
 from fabloop.core.validation import GateVerdict
+from fabloop.tasks.retries import TRANSIENT
 
 # Booster parameters of the search's best trial logged with the training run.
 LOGGED_LGBM_PARAMS = ("num_leaves", "learning_rate", "min_data_in_leaf", "feature_fraction", "lambda_l2",
@@ -59,7 +60,7 @@ class Training:
     champion_note: str
 
 
-@task(name="find scope", cache_policy=NO_CACHE)
+@task(name="find scope", cache_policy=NO_CACHE, **TRANSIENT)
 def find_scope(engine: AsyncEngine, catalog: ModelCatalogValue, model: str) -> tuple[ModelSpec, dict[str, str]]:
     """The catalog spec and the scope (tool, chamber, …) a model name stands for, from its newest window."""
     scope = store.run_sync(store.latest_scope(engine, model))
@@ -71,7 +72,7 @@ def find_scope(engine: AsyncEngine, catalog: ModelCatalogValue, model: str) -> t
     raise LookupError(f"model {model!r} matches no spec of the model catalog ({[s.name for s in catalog.models]})")
 
 
-@task(name="load training set", cache_policy=NO_CACHE)
+@task(name="load training set", cache_policy=NO_CACHE, **TRANSIENT)
 def load_training_set(engine: AsyncEngine, spec: ModelSpec, scope: dict[str, str]) -> pd.DataFrame:
     return store.run_sync(store.training_frame(engine, spec, scope))
 
@@ -86,18 +87,49 @@ def data_gate(frame: pd.DataFrame, policy: RetrainPolicy) -> tuple[GateReport, S
     return gate, split
 
 
-@task(name="refuse retraining", cache_policy=NO_CACHE)
-def refuse(model: str, reason: str, reasons: Sequence[str], window_ids: Sequence[int], rows: int) -> None:
-    """Say loudly that the data gate refused: an event for automations, an artifact for people."""
+@task(name="refuse retraining", cache_policy=NO_CACHE, **TRANSIENT)
+def refuse(
+    model: str, reason: str, reasons: Sequence[str], window_ids: Sequence[int], rows: int,
+    policy_block: str = "default",
+) -> None:
+    """Say loudly that the data gate refused: an event for automations, an artifact that says what to change."""
     emit_event(event=RETRAIN_REJECTED, resource=model_resource(model),
                payload={"reason": reason, "reasons": list(reasons), "window_ids": list(window_ids), "rows": rows})
     create_markdown_artifact(
         key=artifact_key("retrain", model), description=f"Retraining of {model} refused by the data gate",
-        markdown=refused_markdown(model, reason),
+        markdown=refused_markdown(model, reason) + "\n\n" + remedy_markdown(reason, policy_block),
     )
 
 
-@task(name="lineage", cache_policy=NO_CACHE)
+# What a data-gate refusal asks of an engineer: the RetrainPolicy fields that set the
+# limit it hit (matched on the gate's message), or the data when no setting is at fault.
+_REMEDIES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("too few rows", ("min_rows",), "wait for more labelled wafers, or lower the minimum"),
+    ("min_class_count", ("min_class_count",),
+     "wait for wafers of the missing class (sort/final-test results), or lower the minimum"),
+    ("max_missing_share", ("max_missing_share", "missing_action"),
+     "fix the sensor's feed, raise the share, or set missing_action to 'drop' to train without it"),
+    ("no usable features left", ("max_missing_share", "missing_action"),
+     "too many sensors are constant or missing: fix the feed or relax the missing-data limits"),
+    ("time split", ("holdout_share", "validation_share"),
+     "each time part needs both classes: wait for more data or change the shares"),
+    ("holdout has a single class", ("holdout_share",), "the newest wafers hold one class: wait or widen the holdout"),
+    ("time fold", ("n_folds", "min_train_share"), "every CV fold needs both classes: use fewer folds"),
+)
+
+
+def remedy_markdown(reason: str, policy_block: str) -> str:
+    """What to change after a refusal: which block and field, or the data itself."""
+    block = f"`fabloop RetrainPolicy` block **`{policy_block}`** (Prefect UI → Blocks)"
+    for needle, fields, advice in _REMEDIES:
+        if needle in reason:
+            named = ", ".join(f"`policy.{f}`" for f in fields)
+            return f"**What to change:** {advice} — {block}, field {named}."
+    return (f"**What to change:** the data (the refusal names the columns); no field of the {block} "
+            "lifts this limit.")
+
+
+@task(name="lineage", cache_policy=NO_CACHE, **TRANSIENT)
 def lineage_tags(
     engine: AsyncEngine, model: str, reasons: Sequence[str], window_ids: Sequence[int], digest: str,
     drift_check_id: int | None,
@@ -108,14 +140,14 @@ def lineage_tags(
     return lineage(model, reasons, window_ids, offsets, digest, drift_check_id, flow_run_id)
 
 
-@task(name="tune")
+@task(name="tune", **TRANSIENT)
 def tune_model(X: pd.DataFrame, y: pd.Series, policy: RetrainPolicy, storage: str, study_name: str) -> TuneResult:
     """The Optuna search; each trial is a nested MLflow run under the training run."""
     return tune(X, y, policy, storage=storage, study_name=study_name,
                 on_trial=lambda trial: registry.log_trial(trial, study_name))
 
 
-@task(name="score champion on holdout", cache_policy=NO_CACHE)
+@task(name="score champion on holdout", cache_policy=NO_CACHE, **TRANSIENT)
 def score_champion(
     client: MlflowClient, model: str, holdout: pd.DataFrame, policy: RetrainPolicy
 ) -> tuple[dict[str, float] | None, str | None, str]:
@@ -131,7 +163,7 @@ def score_champion(
     return holdout_metrics(holdout[store.LABEL].astype(int), scores, policy), champion.version, "ok"
 
 
-@task(name="train challenger", cache_policy=NO_CACHE)
+@task(name="train challenger", cache_policy=NO_CACHE, **TRANSIENT)
 def train_challenger(
     client: MlflowClient, model: str, training: TrainingSet, tags: dict[str, str], policy: RetrainPolicy, storage: str,
 ) -> Training:
@@ -191,18 +223,18 @@ def _log_challenger_scores(
     return challenger
 
 
-@task(name="register challenger", cache_policy=NO_CACHE)
+@task(name="register challenger", cache_policy=NO_CACHE, **TRANSIENT)
 def register_challenger(model: str, model_uri: str, tags: dict[str, str]) -> str:
     """A new version of ``model`` from the training run's model, with the lineage tags; returns its number."""
     return registry.register_version(model_uri, model, tags).version
 
 
-@task(name="set challenger alias", cache_policy=NO_CACHE)
+@task(name="set challenger alias", cache_policy=NO_CACHE, **TRANSIENT)
 def set_challenger_alias(client: MlflowClient, model: str, version: str) -> None:
     registry.set_alias(client, model, CHALLENGER, version)
 
 
-@task(name="tag validation", cache_policy=NO_CACHE)
+@task(name="tag validation", cache_policy=NO_CACHE, **TRANSIENT)
 def tag_validation(
     client: MlflowClient, model: str, version: str, verdict: GateVerdict, champion_version: str | None
 ) -> None:
@@ -214,7 +246,7 @@ def tag_validation(
     })
 
 
-@task(name="challenger links", cache_policy=NO_CACHE)
+@task(name="challenger links", cache_policy=NO_CACHE, **TRANSIENT)
 def challenger_links(
     client: MlflowClient, tracking_uri: str, model: str, training: Training, version: str
 ) -> dict[str, str]:
@@ -231,7 +263,7 @@ def challenger_links(
     return links
 
 
-@task(name="publish challenger", cache_policy=NO_CACHE)
+@task(name="publish challenger", cache_policy=NO_CACHE, **TRANSIENT)
 def publish_challenger(
     model: str, version: str, reasons: Sequence[str], verdict: GateVerdict, training: Training, links: dict[str, str],
 ) -> None:
@@ -243,7 +275,7 @@ def publish_challenger(
     )
 
 
-@task(name="finish trigger", cache_policy=NO_CACHE)
+@task(name="finish trigger", cache_policy=NO_CACHE, **TRANSIENT)
 def finish_trigger(engine: AsyncEngine, trigger_id: int, outcome: str) -> None:
     """Close the retrain trigger with its outcome; its cooldown starts now."""
     store.run_sync(store.finish_trigger(engine, trigger_id, outcome))

@@ -28,8 +28,9 @@ from fabloop.adapters.store import make_engine
 from fabloop.blocks import ModelCatalog
 from fabloop.core.names import CHALLENGER_REJECTED, RETRAIN_REJECTED
 from fabloop.core.policies import RetrainPolicy
-from fabloop.core.training import DataGateError, data_hash, gate_training_set
+from fabloop.core.training import data_hash, gate_training_set
 from fabloop.flows.retrain import retrain
+from tests.helpers.prefect_api import artifacts_of
 from tests.helpers.promotion import events
 from tests.helpers.retrain import (
     MISSING_SENSOR,
@@ -226,24 +227,30 @@ def test_every_trial_is_a_nested_run_and_the_study_lives_in_the_store(stack: Run
 
 
 @pytest.mark.parametrize(
-    ("key", "reason"),
+    ("key", "reason", "field"),
     [
-        ("NAN", f"'{MISSING_SENSOR}' 95% missing"),
-        ("ONE", "class fail (1) has 0 rows < min_class_count=10 (fail=0, pass=400)"),
-        ("FEW", "too few rows: 120 < min_rows=200"),
+        ("NAN", f"'{MISSING_SENSOR}' 95% missing", "max_missing_share"),
+        ("ONE", "class fail (1) has 0 rows < min_class_count=10 (fail=0, pass=400)", "min_class_count"),
+        ("FEW", "too few rows: 120 < min_rows=200", "min_rows"),
     ],
     ids=["feature-95pct-missing", "one-class", "too-few-rows"],
 )
 def test_a_failed_data_gate_names_the_reason_and_registers_nothing(
-    stack: RunningStack, fab: Fab, key: str, reason: str
+    stack: RunningStack, fab: Fab, key: str, reason: str, field: str
 ) -> None:
     model = fab.models[key]
     since = datetime.now(UTC)
-    state = retrain(model=model, reasons=["manual"], policy_block=save_retrain_policy(), catalog_block=fab.catalog,
+    policy_block = save_retrain_policy()
+    state = retrain(model=model, reasons=["manual"], policy_block=policy_block, catalog_block=fab.catalog,
                     promotion="off", return_state=True)
-    assert state.is_failed(), state
-    error = state.result(raise_on_failure=False)
-    assert isinstance(error, DataGateError) and reason in str(error), error
+    # A refusal is a decision, not a crash: the run completes, in a state named for it.
+    assert state.is_completed() and state.name == "Refused", state
+    assert reason in (state.message or ""), state.message
+    assert reason in state.result()["refused"]
+    # Its artifact says what to change: which block, which field.
+    [artifact] = [a for a in artifacts_of(stack, str(state.state_details.flow_run_id)) if a["type"] == "markdown"]
+    assert reason in artifact["data"] and f"`policy.{field}`" in artifact["data"], artifact["data"]
+    assert f"`fabloop RetrainPolicy` block **`{policy_block}`**" in artifact["data"], artifact["data"]
     # Nothing registered, nothing even logged.
     assert versions(stack, model) == []
     assert mlflow_client(stack).get_experiment_by_name(f"fabloop/{model}/training") is None

@@ -5,19 +5,39 @@ retraining of a model, and the others are recorded as suppressed with the reason
 The decision is one transaction that first takes a lock (SQLite: the write lock
 taken by BEGIN IMMEDIATE; PostgreSQL: an advisory lock per model), so concurrent
 checks serialise on it.
+
+Before deciding, the model's open triggers are reconciled with Prefect: a trigger
+whose run ended Crashed, Failed or Cancelled without closing it, whose process is
+gone (no heartbeat), or that never got a run at all, is closed at once with that
+outcome, so a dead retraining does not hold back the next breach. A retraining that
+never ran (crashed, cancelled, never scheduled, lost) ends no episode: it starts no
+cooldown.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from fabloop.adapters.run_states import RunStatus, flow_run_status, mark_crashed
 from fabloop.adapters.store._engine import sessionmaker
 from fabloop.adapters.store._schema import RetrainTriggerRow, utcnow
+
+# A started trigger gets its flow run within seconds (``run_deployment``, then
+# ``attach_flow_run``); one still without a run after this never will.
+NEVER_SCHEDULED_GRACE = timedelta(minutes=3)
+# Outcomes of a retraining that never ran to an end of its own: no cooldown follows them.
+NO_COOLDOWN = ("crashed", "cancelled", "never_scheduled", "lost")
+# Prefect state types that end a run, and the trigger outcome each closes it with.
+_ENDED = {"CRASHED": "crashed", "FAILED": "failed", "CANCELLED": "cancelled", "COMPLETED": "completed"}
+
+RunStatusLookup = Callable[[str], Awaitable[RunStatus | None]]
+CrashMarker = Callable[[str, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -41,15 +61,20 @@ async def decide_retrain(
     in_flight_timeout: timedelta = timedelta(hours=6),
     now: datetime | None = None,
     kind: str = "drift",
+    run_status: RunStatusLookup = flow_run_status,
+    crash: CrashMarker = mark_crashed,
 ) -> TriggerDecision:
     """Record a trigger as ``started`` unless a retraining is in flight or cooling down.
 
-    One retraining per model is in flight at a time, whatever started it. The
-    cooldown follows each retraining, within its family: a scope's first training
-    (no champion yet) ends no drift episode, so it does not hold back the first
-    breach after it, but it does hold back further first trainings.
+    One retraining per model is in flight at a time, whatever started it; open
+    triggers whose run is dead are closed first (:func:`reconcile_triggers`). The
+    cooldown follows each retraining that ran, within its family: a scope's first
+    training (no champion yet) ends no drift episode, so it does not hold back the
+    first breach after it, but it does hold back further first trainings.
+    ``in_flight_timeout`` is the last resort for a run nobody can judge.
     """
     now = now or utcnow()
+    await reconcile_triggers(engine, model, now, run_status, crash)
     async with sessionmaker(engine)() as session, session.begin():
         if session.bind.dialect.name == "postgresql":
             await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(model.encode())})
@@ -67,7 +92,8 @@ async def decide_retrain(
             if kind == "first_training"
             else RetrainTriggerRow.kind != "first_training"
         )
-        last_episode = (await session.execute(newest.where(family))).scalar_one_or_none()
+        ran = RetrainTriggerRow.outcome.is_(None) | RetrainTriggerRow.outcome.not_in(NO_COOLDOWN)
+        last_episode = (await session.execute(newest.where(family, ran))).scalar_one_or_none()
         suppress: str | None = None
         if last is not None and last.finished_at is None and now - last.at < in_flight_timeout:
             suppress = f"retraining already in flight (trigger {last.id}, started {last.at:%Y-%m-%d %H:%M:%S} UTC)"
@@ -95,14 +121,63 @@ async def attach_flow_run(engine: AsyncEngine, trigger_id: int, flow_run_id: str
         )
 
 
-async def finish_trigger(engine: AsyncEngine, trigger_id: int, outcome: str) -> None:
-    """Close a started retraining; its cooldown starts now.
+async def finish_trigger(engine: AsyncEngine, trigger_id: int, outcome: str, at: datetime | None = None) -> bool:
+    """Close a started retraining; its cooldown (if it ran, see ``NO_COOLDOWN``) starts now.
 
-    ``outcome``: ``challenger`` | ``rejected`` | ``refused`` | ``failed``.
+    ``outcome``: ``challenger`` | ``rejected`` | ``refused`` | ``failed``, or what a
+    reconcile found: ``crashed`` | ``cancelled`` | ``completed`` | ``never_scheduled`` |
+    ``lost``. A trigger is closed once: returns False when it already was.
     """
     async with engine.begin() as conn:
-        await conn.execute(
+        result = await conn.execute(
             update(RetrainTriggerRow)
-            .where(RetrainTriggerRow.id == trigger_id)
-            .values(finished_at=utcnow(), outcome=outcome)
+            .where(RetrainTriggerRow.id == trigger_id, RetrainTriggerRow.finished_at.is_(None))
+            .values(finished_at=at or utcnow(), outcome=outcome)
         )
+    return bool(result.rowcount)
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+async def reconcile_triggers(
+    engine: AsyncEngine,
+    model: str,
+    now: datetime | None = None,
+    run_status: RunStatusLookup = flow_run_status,
+    crash: CrashMarker = mark_crashed,
+) -> dict[int, str]:
+    """Close the model's open triggers whose retraining is over or dead; returns {trigger id: outcome}.
+
+    Asks Prefect about each run (an unreachable API raises: an open trigger is never
+    closed on a guess). A run that is still scheduled, waiting for a slot or running
+    with a heartbeat stays in flight.
+    """
+    now = now or utcnow()
+    async with sessionmaker(engine)() as session:
+        rows = (await session.execute(
+            select(RetrainTriggerRow.id, RetrainTriggerRow.flow_run_id, RetrainTriggerRow.at).where(
+                RetrainTriggerRow.model == model, RetrainTriggerRow.action == "started",
+                RetrainTriggerRow.finished_at.is_(None),
+            )
+        )).all()
+    closed: dict[int, str] = {}
+    for trigger_id, flow_run_id, at in rows:
+        outcome: str | None = None
+        if flow_run_id is None:
+            if now - _aware(at) > NEVER_SCHEDULED_GRACE:
+                outcome = "never_scheduled"
+        else:
+            status = await run_status(flow_run_id)
+            if status is None:
+                outcome = "lost"  # Prefect has no such run (deleted)
+            elif status.state in _ENDED:
+                outcome = _ENDED[status.state]
+            elif status.gone(now):
+                await crash(flow_run_id, f"fabloop: no heartbeat since {status.last_heartbeat:%Y-%m-%d %H:%M:%S} UTC; "
+                                         f"the retraining's process is gone (trigger {trigger_id} closed)")
+                outcome = "crashed"
+        if outcome is not None and await finish_trigger(engine, trigger_id, outcome, at=now):
+            closed[trigger_id] = outcome
+    return closed
