@@ -1,9 +1,11 @@
 """The ingest flow: a long-running member of the ingest consumer group.
 
 Start it from the Prefect UI (deployment ``ingest/ingest``) and stop it by
-cancelling the run: SIGTERM finishes the current batch, commits and exits. If the
-process dies instead, the deployment's own trigger on ``prefect.flow-run.Crashed``
-starts it again (see prefect.yaml).
+cancelling the run: SIGTERM finishes the current batch, commits and exits. No event
+fails the run (the ingestor dead-letters what it cannot store). If the run fails or
+its process dies anyway, the deployment's own trigger on ``prefect.flow-run.Failed``
+and ``prefect.flow-run.Crashed`` starts it again (see prefect.yaml), and a run that
+follows several recent failures waits longer before it consumes (``restart_delay``).
 """
 
 from __future__ import annotations
@@ -13,21 +15,44 @@ import os
 import signal
 import socket
 import threading
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prefect import flow, get_run_logger
+import httpx
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
-from prefect.events import emit_event
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterEndTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.events import Event
+from prefect.events.related import related_resources_from_run_context
+from prefect.exceptions import PrefectHTTPStatusError
 from pydantic import SecretStr
 
 from fabloop.adapters.ingestor import BatchStats, ClosedWindow, Ingestor, IngestSettings
 from fabloop.blocks import DEFAULT, FabloopDatabase, KafkaConnection, ModelCatalog, load_block
 from fabloop.core.names import WINDOW_CLOSED, window_resource
 
+ANNOUNCE_ATTEMPTS = 3  # per announcement; the ingestor's sweep tries again later, with backoff
 
-def announce_window(window: ClosedWindow) -> None:
-    """One Prefect event per closed window; the drift-check deployment is triggered by it."""
-    emit_event(
+
+async def announce_window(window: ClosedWindow) -> bool:
+    """One Prefect event per closed window; the drift-check deployment is triggered by it.
+
+    Returns True once the Prefect API has accepted the event, and raises when it has
+    not: the window then stays unannounced and the ingestor announces it again.
+    ``emit_event`` cannot tell: it queues the event for a background websocket client
+    that drops it after its reconnect attempts. So the event is posted to the API's
+    ``/events`` endpoint, whose 204 says the server has taken it in.
+    """
+    event = Event(
         event=WINDOW_CLOSED,
         resource=window_resource(window.model, window.id),
         payload={
@@ -41,6 +66,58 @@ def announce_window(window: ClosedWindow) -> None:
             "close_reason": window.close_reason,
         },
     )
+    related = False
+    for attempt in range(1, ANNOUNCE_ATTEMPTS + 1):
+        try:
+            # A new client per attempt: Prefect's client retries a refused connection
+            # (with backoff, for a minute) only once it has connected; ingest must not wait that long.
+            async with get_client() as client:
+                if not related:
+                    # What emit_event adds: the flow run (and its deployment) that closed the window.
+                    event.related += await related_resources_from_run_context(client)
+                    related = True
+                response = await client.request("POST", "/events", json=[event.model_dump(mode="json")])
+                response.raise_for_status()
+            return True
+        except (httpx.TransportError, PrefectHTTPStatusError) as exc:
+            # A refused connection (the server is down) or a refused event (4xx) is not
+            # retried here: the ingestor's sweep tries again, with backoff, while ingest goes on.
+            refused = isinstance(exc, httpx.ConnectError) or (
+                isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code < 500)
+            if refused or attempt == ANNOUNCE_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+RESTART_LOOKBACK = timedelta(minutes=30)
+"""Failures of the deployment within this long count toward a restarted run's wait."""
+
+
+def restart_delay(recent_failures: int, base_s: float = 10.0, cap_s: float = 300.0) -> float:
+    """Seconds a restarted run waits before it consumes.
+
+    The restart trigger already waits ``schedule_after`` (prefect.yaml) once; a run
+    that keeps failing (the database refusing logins, say) then waits 10, 20, 40 s…
+    up to five minutes, instead of restarting in a tight loop.
+    """
+    if recent_failures <= 1:
+        return 0.0
+    return float(min(base_s * 2 ** (recent_failures - 2), cap_s))
+
+
+def _recent_failures(deployment_id: str) -> int:
+    """This deployment's runs that ended Failed or Crashed within ``RESTART_LOOKBACK``."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.FAILED, StateType.CRASHED])),
+                end_time=FlowRunFilterEndTime(after_=datetime.now(UTC) - RESTART_LOOKBACK),
+            ),
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            limit=50,
+        )
+    return len(runs)
 
 
 @flow(name="ingest")
@@ -75,6 +152,19 @@ def ingest(
         stop.set()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    deployment_id = runtime.deployment.id
+    if deployment_id:  # a deployment run, perhaps restarted by the trigger after a failure
+        try:
+            failures = _recent_failures(deployment_id)
+        except Exception as exc:  # noqa: BLE001 - the wait is a courtesy; ingest matters more
+            logger.warning("could not count recent failed runs (%s): starting without a wait", exc)
+            failures = 0
+        delay = restart_delay(failures)
+        if delay:
+            logger.warning("%d failed or crashed ingest runs in the last %s: waiting %.0f s before consuming",
+                           failures, RESTART_LOOKBACK, delay)
+            stop.wait(delay)
 
     def on_batch(stats: BatchStats) -> None:
         logger.info("batch: %s", stats.line())

@@ -52,14 +52,24 @@ class PostgresCluster:
             os.chown(root, pw.pw_uid, pw.pw_gid)
         cluster = cls(port=port, datadir=datadir, bindir=bindir, user=user)
         cluster._run([str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
-        cluster._run([
-            str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(root / "server.log"), "-w", "-t", "60", "start",
-            "-o", f"-p {port} -c listen_addresses=127.0.0.1 -k {root} -c fsync=off -c max_connections=100",
-        ])
+        cluster.start_server()
         psql = [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
         cluster._run([*psql, "-c", "CREATE ROLE fabloop LOGIN CREATEDB"])
         cluster._run([*psql, "-c", "CREATE DATABASE fabloop OWNER fabloop"])
         return cluster
+
+    def start_server(self) -> None:
+        """Start the server on the cluster's data (again, after ``stop_server``)."""
+        root = self.datadir.parent
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {root} -c fsync=off -c max_connections=100"
+        self._run([
+            str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(root / "server.log"), "-w", "-t", "60",
+            "start", "-o", options,
+        ])
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the server and keep its data: ``fast`` ends every session, ``immediate`` is a crash."""
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"])
 
     def stop(self) -> None:
         self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"], check=False)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -32,7 +33,34 @@ TEST_TOPIC = "fab.test.results"
 DEADLETTER_TOPIC = "fab.deadletter"
 TOPICS = (SENSOR_TOPIC, TEST_TOPIC, DEADLETTER_TOPIC)
 
-Name = Annotated[str, Field(min_length=1, max_length=128)]
+# The bounds below are the event store's: a value the schema accepts must fit its
+# column on SQLite and PostgreSQL alike, or one event would stop ingest for good.
+INT32_MIN: Final = -(2**31)
+INT32_MAX: Final = 2**31 - 1
+TS_MIN: Final = datetime(1970, 1, 1, tzinfo=UTC)
+TS_MAX: Final = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; refusing it here names the field.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _sane_time(value: datetime) -> datetime:
+    # The wall-clock year first: a time near year 9999 with an offset overflows in UTC.
+    if not TS_MIN.year - 1 <= value.year <= TS_MAX.year or not TS_MIN <= value < TS_MAX:
+        raise ValueError(
+            f"timestamp must be from {TS_MIN:%Y-%m-%d} to before {TS_MAX:%Y-%m-%d} UTC, got {value.isoformat()}"
+        )
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+Name = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_no_nul)]  # String(128) columns
+Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]  # the store's Integer columns
+Timestamp = Annotated[AwareDatetime, AfterValidator(_sane_time)]
 
 
 def new_event_id() -> str:
@@ -44,7 +72,7 @@ class _Event(BaseModel):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: Name = Field(default_factory=new_event_id)
-    ts: AwareDatetime
+    ts: Timestamp
     lot: Name
     wafer: Name = Field(description="Globally unique wafer id, e.g. 'L0042-07'.")
 
@@ -76,7 +104,7 @@ class ParametricResult(BaseModel):
 
     name: Name
     value: FiniteFloat | None
-    units: str | None = None
+    units: Text | None = None
     test_num: int | None = None
     passed: bool | None = None
 
@@ -92,8 +120,8 @@ class TestResult(_Event):
     passed: bool
     yield_pct: Annotated[FiniteFloat, Field(ge=0, le=100)] | None = None
     part_id: Name | None = None
-    hard_bin: int | None = None
-    soft_bin: int | None = None
+    hard_bin: Int32 | None = None
+    soft_bin: Int32 | None = None
     parametrics: list[ParametricResult] = Field(default_factory=list)
 
 

@@ -9,6 +9,7 @@ tests load every entrypoint the way the worker does and compare names with
 from __future__ import annotations
 
 import inspect
+from datetime import timedelta
 from fnmatch import fnmatch
 from functools import cache
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 import pytest
 import yaml
 from prefect import Flow
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.flows import load_flow_from_entrypoint
+from pydantic import TypeAdapter
 
 from fabloop.core import names
 from fabloop.deployments import (
@@ -98,10 +101,23 @@ def test_every_expected_event_is_a_prefect_event_or_a_shared_fabloop_event() -> 
                 assert event.startswith("prefect.") or event in FABLOOP_EVENTS, f"{spec['name']}: unknown {event!r}"
 
 
-def test_crashed_ingest_runs_are_restarted_by_their_own_deployment() -> None:
+def test_failed_and_crashed_ingest_runs_are_restarted_by_their_own_deployment_with_a_delay() -> None:
     [trigger] = deployment(names.INGEST_DEPLOYMENT)["triggers"]
-    assert trigger["expect"] == ["prefect.flow-run.Crashed"]
+    assert sorted(trigger["expect"]) == ["prefect.flow-run.Crashed", "prefect.flow-run.Failed"]
     assert trigger["match_related"]["prefect.resource.name"] == deployment_name(names.INGEST_DEPLOYMENT)
+    # As Prefect reads it at deploy time: the restart waits, it never loops tightly.
+    parsed = TypeAdapter(DeploymentEventTrigger).validate_python(trigger)
+    assert parsed.schedule_after >= timedelta(seconds=5)
+    assert "prefect.flow-run.Cancelled" not in parsed.expect  # a cancelled ingest stays stopped
+
+
+def test_a_run_after_repeated_failures_waits_longer_up_to_a_cap() -> None:
+    from fabloop.flows.ingest import restart_delay
+
+    waits = [restart_delay(n) for n in range(12)]
+    assert waits[:2] == [0.0, 0.0]  # the first restart waits only the trigger's schedule_after
+    assert waits[2:6] == [10.0, 20.0, 40.0, 80.0]
+    assert max(waits) == waits[-1] == 300.0
 
 
 def test_every_deployment_runs_on_the_process_pool_from_the_checkout() -> None:

@@ -76,3 +76,51 @@ def test_non_finite_sensor_values_are_refused(token: str) -> None:
 def test_validate_event_in_memory() -> None:
     with pytest.raises(EventValidationError, match="sensors.x"):
         validate_event(sensor(sensors={"x": math.inf}))
+
+
+def _test_result(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "kind": "test", "ts": "2026-03-01T12:00:00Z", "lot": "L0001", "wafer": "L0001-01", "program": "SORT1",
+        "passed": True,
+    }
+    base.update(overrides)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "reason"),
+    [
+        # Values a store column cannot hold: refused here, with the field named, not by the database.
+        (_test_result(hard_bin=2**63), "hard_bin", "less than or equal to 2147483647"),
+        (_test_result(soft_bin=2**31), "soft_bin", "less than or equal to 2147483647"),
+        (_test_result(hard_bin=-(2**31) - 1), "hard_bin", "greater than or equal to -2147483648"),
+        (_test_result(ts="9999-12-31T23:59:59-05:00"), "ts", "timestamp must be from 1970-01-01"),
+        (_test_result(ts="2100-01-01T00:00:00Z"), "ts", "to before 2100-01-01"),
+        (sensor(ts="1969-12-31T23:59:59+00:00"), "ts", "timestamp must be from 1970-01-01"),
+        (sensor(ts="0001-01-01T00:00:00+14:00"), "ts", "timestamp must be from 1970-01-01"),
+        (sensor(lot="L\u00000001"), "lot", "NUL"),
+        (sensor(sensors={"rf\u0000power": 1.0}), "sensors.rf\u0000power.[key]", "NUL"),
+        (_test_result(parametrics=[{"name": "IDDQ", "value": 1.0, "units": "\u0000A"}]), "parametrics.0.units", "NUL"),
+        (sensor(wafer="W" * 129), "wafer", "at most 128 characters"),
+    ],
+)
+def test_values_the_store_cannot_hold_are_refused_naming_the_field(
+    raw: dict[str, object], field: str, reason: str
+) -> None:
+    with pytest.raises(EventValidationError) as info:
+        parse_event(json.dumps(raw))
+    assert info.value.field == field
+    assert reason in info.value.reason
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _test_result(hard_bin=2**31 - 1, soft_bin=-(2**31)),
+        _test_result(ts="1970-01-01T00:00:00Z"),
+        _test_result(ts="2099-12-31T23:59:59.999999Z"),
+        _test_result(ts="2099-12-31T20:00:00-03:59"),  # 23:59 UTC: an offset near the bound is fine
+    ],
+)
+def test_values_at_the_store_bounds_are_accepted(raw: dict[str, object]) -> None:
+    assert isinstance(parse_event(json.dumps(raw)), TestResult)

@@ -9,21 +9,26 @@ window memberships (closing full windows) and the batch record commit together.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
+from asyncpg.exceptions import InterfaceError as PgClientError
 from sqlalchemy import Table, insert, select, text, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from fabloop.adapters.store._checks import CLAIMED
 from fabloop.adapters.store._engine import sessionmaker
 from fabloop.adapters.store._migrate import migrate
 from fabloop.adapters.store._schema import (
     Base,
     DeadLetterRow,
+    DriftCheckRow,
     IngestBatchRow,
     SensorReadingRow,
     TestResultRow,
@@ -137,6 +142,64 @@ async def _store_events(session: AsyncSession, table: type[Base], rows: list[dic
     )
     result = await session.execute(stmt, rows)
     return set(result.scalars().all())
+
+
+ErrorKind = Literal["data", "connection", "other"]
+
+# SQLSTATE classes (PostgreSQL): 22 data exception, 23 integrity constraint violation
+# are about the rows; 08 connection, 53 resources, 57 operator intervention (a
+# restart), 40 serialization/deadlock pass once the database is back or calmer.
+_DATA_SQLSTATES = ("22", "23")
+_TRANSIENT_SQLSTATES = ("08", "53", "57", "40")
+_TRANSIENT_SQLITE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_FULL")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The error and what it wraps: SQLAlchemy's ``orig``, then the driver's cause."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
+
+
+def error_kind(exc: BaseException) -> ErrorKind:
+    """Whether a failed write was refused for its rows ("data"), lost the database
+    ("connection": wait and retry, the rows are fine), or failed otherwise."""
+    for e in _causes(exc):
+        if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
+            return "connection"
+        if isinstance(e, sa_exc.DisconnectionError | sa_exc.TimeoutError):
+            return "connection"
+        sqlstate = getattr(e, "sqlstate", None)
+        if isinstance(sqlstate, str) and len(sqlstate) == 5:
+            if sqlstate.startswith(_DATA_SQLSTATES):
+                return "data"
+            return "connection" if sqlstate.startswith(_TRANSIENT_SQLSTATES) else "other"
+        if isinstance(e, PgClientError):
+            # asyncpg's client-side DataError (a ValueError): a value its codec cannot send,
+            # e.g. an int beyond int4; any other interface error is a closed or busy connection.
+            return "data" if isinstance(e, ValueError) else "connection"
+        if isinstance(e, sqlite3.Error):
+            name = getattr(e, "sqlite_errorname", "") or ""
+            if name.startswith(_TRANSIENT_SQLITE):
+                return "connection"
+            refused = isinstance(e, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError)
+            return "data" if refused else "other"
+        if isinstance(e, OSError | TimeoutError):
+            return "connection"
+        if isinstance(e, OverflowError | ValueError):
+            return "data"  # a bind-time conversion: "Python int too large to convert to SQLite INTEGER"
+    return "other"
+
+
+def error_text(exc: BaseException, limit: int = 500) -> str:
+    """The database's own message (the innermost cause), without SQLAlchemy's statement and parameters."""
+    *_, root = _causes(exc)
+    text_ = f"{type(root).__name__}: {root}".replace("\x00", "\\x00")
+    return text_ if len(text_) <= limit else text_[: limit - 1] + "…"
 
 
 async def _lock_windows(session: AsyncSession) -> None:
@@ -267,7 +330,9 @@ class BatchWriter:
             _insert(self.session)(DeadLetterRow).on_conflict_do_nothing(),
             [
                 {"topic": d.msg.topic(), "partition": d.msg.partition(), "offset": d.msg.offset(),
-                 "reason": d.reason, "detail": d.detail[:2000], "size": len(d.msg.value() or b""), "at": at}
+                 # A refusal's detail may quote the NUL that got the event refused; PostgreSQL text cannot hold it.
+                 "reason": d.reason, "detail": d.detail[:2000].replace("\x00", "\\x00"),
+                 "size": len(d.msg.value() or b""), "at": at}
                 for d in dead
             ],
         )
@@ -309,21 +374,51 @@ class IngestStore:
         async with self.sessions() as session, session.begin():
             yield BatchWriter(session, self.book)
 
+    error_kind = staticmethod(error_kind)
+    error_text = staticmethod(error_text)
+
     async def close_stale_windows(self) -> list[ClosedWindow]:
         async with self.sessions() as session, session.begin():
             await _lock_windows(session)
             return [_closed(w) for w in await self.book.close_stale(session)]
 
-    async def mark_announced(self, window_ids: list[int]) -> None:
-        async with self.sessions() as session, session.begin():
-            await session.execute(update(WindowRow).where(WindowRow.id.in_(window_ids)).values(announced=True))
+    async def mark_announced(self, window_ids: list[int], accepted_at: datetime | None) -> None:
+        """Mark windows announced; ``accepted_at``: when the Prefect API accepted their events.
 
-    async def unannounced_windows(self) -> list[ClosedWindow]:
-        """Windows closed (before a crash, say) but never announced."""
+        None marks them announced without an event (a set-up or backfill that must
+        not be judged): the sweep never re-announces those.
+        """
+        if not window_ids:
+            return
+        async with self.sessions() as session, session.begin():
+            await session.execute(update(WindowRow).where(WindowRow.id.in_(window_ids))
+                                  .values(announced=True, announced_at=accepted_at))
+
+    async def windows_to_announce(self, recheck_after: timedelta, horizon: timedelta) -> list[ClosedWindow]:
+        """Closed windows to announce now, oldest first.
+
+        Those never announced (closed before a crash, or while the Prefect API was
+        unreachable), and those whose event the API accepted more than
+        ``recheck_after`` ago that still have no verdict (no check, or a check's
+        claim that long without one), for ``horizon`` after they closed. A window
+        announced again waits at least as long as it had waited before (5, 10, 20
+        minutes…): a backlog of checks is not swelled by a re-announcement of every
+        window it holds at every sweep.
+        """
+        now = utcnow()
+        judged = (select(DriftCheckRow.id)
+                  .where(DriftCheckRow.window_id == WindowRow.id)
+                  .where((DriftCheckRow.status != CLAIMED) | (DriftCheckRow.checked_at > now - recheck_after)))
+        due = select(WindowRow).where(
+            WindowRow.status == "closed",
+            WindowRow.announced.is_(False)
+            | ((WindowRow.announced_at < now - recheck_after) & (WindowRow.closed_at > now - horizon)
+               & ~judged.exists()),
+        ).order_by(WindowRow.id)
         async with self.sessions() as session:
-            unannounced = select(WindowRow).where(WindowRow.status == "closed", WindowRow.announced.is_(False))
-            rows = (await session.execute(unannounced)).scalars().all()
-            return [_closed(w) for w in rows]
+            rows = (await session.execute(due)).scalars().all()
+        return [_closed(w) for w in rows if not w.announced or w.announced_at is None or w.closed_at is None
+                or now - w.announced_at >= w.announced_at - w.closed_at]
 
     async def checkpoint(self, mode: str) -> bool:
         """Run a SQLite WAL checkpoint; True when every frame reached the database file.
