@@ -26,8 +26,8 @@ from fabloop.core.policies import DriftPolicy
 from fabloop.core.verdict import WindowVerdict, judge_window
 from fabloop.tasks.checks import (
     WindowCheck,
-    already_checked,
     attach_flow_run,
+    claim_window,
     data_drift,
     decide_retrain,
     find_champion,
@@ -54,17 +54,19 @@ def drift_check(
     """
     logger = get_run_logger()
     engine = load_block(FabloopDatabase).get_engine()
-    tracking_uri = load_block(MLflowServer).tracking_uri
-    previous = already_checked(engine, window_id)
-    if previous is not None:
-        # Window events are delivered at least once; a window is judged once.
-        logger.info("window %s already checked (check %s); nothing to do", window_id, previous)
-        return {"window_id": window_id, "check_id": previous, "duplicate": True}
+    tracking_uri = load_block(MLflowServer).login()
+    # Window events are delivered at least once (and swept again); a window is judged
+    # once: the check whose claim is inserted first. An open window is refused here.
+    claim = claim_window(engine, window_id)
+    if claim.duplicate:
+        logger.info("window %s already has check %s (%s, flow run %s); nothing to do",
+                    window_id, claim.check_id, claim.status, claim.flow_run_id)
+        return {"window_id": window_id, "check_id": claim.check_id, "duplicate": True}
     window, current = load_window_frame(engine, window_id)
     model = window["model"]
     policy = load_block(DriftPolicyBlock, policy_block).policy.for_model(model)
     check = _judge(registry.client(tracking_uri), tracking_uri, window_id, model, current, policy)
-    check_id = record_check(engine, check)
+    check_id = record_check(engine, claim, check)
     publish_verdict(check)
     verdict, report_url = check.verdict, check.report_url
     outcome: dict[str, Any] = {"window_id": window_id, "check_id": check_id, "model": model, "status": verdict.status,

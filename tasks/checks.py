@@ -9,7 +9,7 @@ must happen each time it is asked for.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -20,11 +20,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fabloop.adapters import registry, store
 from fabloop.adapters.registry import MlflowClient, ModelVersion
+from fabloop.adapters.run_states import flow_run_status
 from fabloop.core.drift import DriftResult, PerformanceDriftResult, check_drift, drift_report_html, performance_drift
 from fabloop.core.names import CHAMPION, artifact_key
 from fabloop.core.policies import DriftPolicy
 from fabloop.core.reports import drift_markdown
 from fabloop.core.verdict import WindowVerdict
+from fabloop.tasks.retries import TRANSIENT
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,48 @@ class WindowCheck:
     report_url: str | None = None
 
 
-@task(name="already checked", cache_policy=NO_CACHE)
+@task(name="already checked", cache_policy=NO_CACHE, **TRANSIENT)
 def already_checked(engine: AsyncEngine, window_id: int) -> int | None:
-    """The window's earlier check: window events are delivered at least once, a window is judged once."""
+    """The window's check (or a check's claim on it), if it has one."""
     return store.run_sync(store.already_checked(engine, window_id))
 
 
-@task(name="load window", cache_policy=NO_CACHE)
+@task(name="claim window", cache_policy=NO_CACHE, **TRANSIENT)
+def claim_window(engine: AsyncEngine, window_id: int) -> store.Claim:
+    """Claim a closed window for this check: window events arrive at least once, a window is judged once.
+
+    Another check's claim stands while its flow run may still record the verdict; a
+    claim whose run ended without one (crashed, cancelled, deleted) is taken over,
+    so the sweep's re-announcement of that window gets it judged.
+    """
+    flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
+    claim = store.run_sync(store.claim_window(engine, window_id, flow_run_id))
+    if claim.duplicate and claim.status == store.CLAIMED and _ended(claim):
+        taken = store.run_sync(store.take_over_claim(engine, claim, flow_run_id))
+        # None: another check took it over first, or recorded the verdict; it is theirs.
+        return taken or store.run_sync(store.claim_window(engine, window_id, flow_run_id))
+    return claim
+
+
+# A drift check takes minutes at most: a claim this old is abandoned whatever its run
+# shows (a run cut off while the Prefect server was down can show Running for ever).
+# Taking over a claim is safe even if its run still lives: only the claim's holder
+# can record the verdict, so that run fails with ``ClaimLost`` instead.
+CLAIM_LEASE = timedelta(minutes=30)
+_ENDED = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}  # state types of a run that records nothing more
+
+
+def _ended(claim: store.Claim) -> bool:
+    """Whether a claim's flow run can no longer record a verdict (an unreachable Prefect API raises)."""
+    if claim.claimed_at is not None and store.utcnow() - claim.claimed_at > CLAIM_LEASE:
+        return True
+    if claim.flow_run_id is None:
+        return False  # a check run outside Prefect: nothing but the lease tells whether it is still going
+    status = store.run_sync(flow_run_status(claim.flow_run_id))
+    return status is None or status.state in _ENDED or status.gone(datetime.now(UTC))
+
+
+@task(name="load window", cache_policy=NO_CACHE, **TRANSIENT)
 def load_window_frame(engine: AsyncEngine, window_id: int) -> tuple[dict[str, Any], pd.DataFrame]:
     window = store.run_sync(store.load_window(engine, window_id))
     frame = store.run_sync(store.window_frame(engine, window_id))
@@ -55,12 +92,12 @@ def load_window_frame(engine: AsyncEngine, window_id: int) -> tuple[dict[str, An
             "ts_start": window.ts_start, "ts_end": window.ts_end}, frame
 
 
-@task(name="find champion", cache_policy=NO_CACHE)
+@task(name="find champion", cache_policy=NO_CACHE, **TRANSIENT)
 def find_champion(client: MlflowClient, model: str) -> ModelVersion | None:
     return registry.alias_version(client, model, CHAMPION)
 
 
-@task(name="load reference", cache_policy=NO_CACHE)
+@task(name="load reference", cache_policy=NO_CACHE, **TRANSIENT)
 def load_reference(client: MlflowClient, champion: ModelVersion) -> pd.DataFrame:
     """The champion's training-set sensors: the drift reference of its scope."""
     return registry.reference_frame(client, champion)
@@ -72,7 +109,7 @@ def data_drift(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPoli
     return check_drift(reference[features], current[features], policy, features=features)
 
 
-@task(name="performance drift", cache_policy=NO_CACHE)
+@task(name="performance drift", cache_policy=NO_CACHE, **TRANSIENT)
 def model_performance(
     client: MlflowClient, champion: ModelVersion, current: pd.DataFrame, policy: DriftPolicy
 ) -> PerformanceDriftResult | None:
@@ -96,7 +133,7 @@ def model_performance(
     )
 
 
-@task(name="publish drift report", cache_policy=NO_CACHE)
+@task(name="publish drift report", cache_policy=NO_CACHE, **TRANSIENT)
 def publish_report(
     model: str, window_id: int, reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy,
     data: DriftResult, performance: PerformanceDriftResult | None, tracking_uri: str,
@@ -117,13 +154,13 @@ def publish_report(
         return registry.artifact_url(tracking_uri, run_id, path)
 
 
-@task(name="record check", cache_policy=NO_CACHE)
-def record_check(engine: AsyncEngine, check: WindowCheck) -> int:
-    """Store the window's verdict and its sensors' statistics; returns the check id."""
-    flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
+@task(name="record check", cache_policy=NO_CACHE, **TRANSIENT)
+def record_check(engine: AsyncEngine, claim: store.Claim, check: WindowCheck) -> int:
+    """Record the verdict into the window's claimed check, with its sensors' statistics; returns the check id."""
     verdict, data, performance = check.verdict, check.data, check.performance
     row = store.DriftCheckRow(
-        window_id=check.window_id, model=check.model, flow_run_id=flow_run_id, status=verdict.status,
+        id=claim.check_id, window_id=check.window_id, model=check.model, flow_run_id=claim.flow_run_id,
+        checked_at=store.utcnow(), status=verdict.status,
         drifted=verdict.drifted, performance_breach=verdict.performance_breach, share=data.share if data else None,
         reason=verdict.reason, reference=check.reference, report_url=check.report_url,
         detail={"performance": performance.model_dump() if performance else None, "wafers": check.wafers},
@@ -131,7 +168,7 @@ def record_check(engine: AsyncEngine, check: WindowCheck) -> int:
     return store.run_sync(store.record_check(engine, row, data.features if data else ()))
 
 
-@task(name="publish verdict", cache_policy=NO_CACHE)
+@task(name="publish verdict", cache_policy=NO_CACHE, **TRANSIENT)
 def publish_verdict(check: WindowCheck) -> None:
     """The verdict as the model's ``drift-<model>`` artifact in the Prefect UI."""
     create_markdown_artifact(
@@ -141,7 +178,7 @@ def publish_verdict(check: WindowCheck) -> None:
     )
 
 
-@task(name="decide retraining", cache_policy=NO_CACHE)
+@task(name="decide retraining", cache_policy=NO_CACHE, **TRANSIENT)
 def decide_retrain(
     engine: AsyncEngine, model: str, verdict: WindowVerdict, cooldown_minutes: float, window_id: int, check_id: int,
 ) -> store.TriggerDecision:
@@ -152,6 +189,6 @@ def decide_retrain(
     ))
 
 
-@task(name="attach retraining run", cache_policy=NO_CACHE)
+@task(name="attach retraining run", cache_policy=NO_CACHE, **TRANSIENT)
 def attach_flow_run(engine: AsyncEngine, trigger_id: int, flow_run_id: str) -> None:
     store.run_sync(store.attach_flow_run(engine, trigger_id, flow_run_id))

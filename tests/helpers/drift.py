@@ -9,8 +9,9 @@ the event store and the Prefect REST API (what the UI shows).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -169,7 +170,21 @@ def cancel_unfinished(stack: RunningStack, flow_names: list[str], models: list[s
     return cancelled
 
 
-def disable_automation(stack: RunningStack, name: str) -> None:
+# prefect.yaml's drift-check trigger: one check per closed-window event.
+WINDOW_TRIGGER = "check every closed window"
+
+
+def set_automation(stack: RunningStack, name: str, *, enabled: bool) -> None:
     for automation in api(stack, "POST", "/automations/filter", {"limit": 200}):
-        if automation["name"] == name and automation["enabled"]:
-            api(stack, "PATCH", f"/automations/{automation['id']}", {"enabled": False})
+        if automation["name"] == name and automation["enabled"] != enabled:
+            api(stack, "PATCH", f"/automations/{automation['id']}", {"enabled": enabled})
+
+
+@contextlib.contextmanager
+def window_trigger(stack: RunningStack) -> Iterator[None]:
+    """The window trigger on inside the block, off after it: no other test's windows are checked by it."""
+    set_automation(stack, WINDOW_TRIGGER, enabled=True)
+    try:
+        yield
+    finally:
+        set_automation(stack, WINDOW_TRIGGER, enabled=False)

@@ -30,10 +30,12 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
+from fabloop.adapters.run_states import RunStatus
 from fabloop.adapters.store import (
     RetrainTriggerRow,
     SensorReadingRow,
     WindowWaferRow,
+    attach_flow_run,
     decide_retrain,
     make_engine,
     migrate,
@@ -43,24 +45,21 @@ from fabloop.core.scopes import ModelCatalogValue, ModelSpec
 from fabloop.core.simulate import DriftInjection, SimulationConfig, ToolSpec, sensor_specs, simulate
 from tests.helpers import drift as ds
 from tests.helpers import prefect_api as pa
-from tests.helpers.stack import REPO, Broker, RunningStack, fabloop
+from tests.helpers.stack import REPO, Broker, RunningStack
 
 pytestmark = pytest.mark.integration
 
-DRIFT_TRIGGER = "check every closed window"  # the drift-check trigger's name in prefect.yaml
-
 
 @pytest.fixture(scope="module")
-def deployed(stack: RunningStack) -> Iterator[datetime]:
-    """prefect.yaml applied to the session's stack; afterwards, what these tests started is stopped."""
+def deployed(stack: RunningStack, deployments: None) -> Iterator[datetime]:
+    """The session's deployments with the window trigger on; afterwards, what these tests started is stopped."""
     since = datetime.now(UTC)
-    fabloop("deploy", env=stack.env)
-    yield since
-    # Retrainings still running and promotions paused for approval would outlive the
-    # module; and the window trigger must not run checks for other modules' windows.
-    ds.cancel_unfinished(stack, ["retrain", "promote"], _MODELS, since)
-    ds.set_model_overrides({m: None for m in _MODELS})
-    ds.disable_automation(stack, DRIFT_TRIGGER)
+    # The window trigger goes off again afterwards: it must not run checks for other modules' windows.
+    with ds.window_trigger(stack):
+        yield since
+        # Retrainings still running and promotions paused for approval would outlive the module.
+        ds.cancel_unfinished(stack, ["retrain", "promote"], _MODELS, since)
+        ds.set_model_overrides({m: None for m in _MODELS})
 
 
 _MODELS: list[str] = []  # every model these tests create, for the teardown above
@@ -227,7 +226,7 @@ def test_mean_shift_on_one_tool_retrains_that_model_once_as_a_child_of_its_drift
     # What a person sees: the breach links an Evidently HTML report kept in the model's
     # monitoring experiment; a quiet check publishes its verdict but no report.
     for r in breaches:
-        html = httpx.get(r.report_url, timeout=60)
+        html = httpx.get(r.report_url, timeout=60, auth=stack.mlflow_account)  # MLflow asks everyone to log in
         assert html.status_code == 200 and html.text.lstrip().lower().startswith("<!doctype html")
         assert "data drift" in html.text.lower() and all(s in html.text for s in shifted)
         run_id = parse_qs(urlsplit(r.report_url).query)["run_uuid"][0]
@@ -414,16 +413,36 @@ def test_concurrent_decisions_from_several_processes_start_exactly_one_retrainin
 
 
 def test_an_episode_is_in_flight_then_cooling_down_then_over(database_url: str) -> None:
-    """The rules a storm relies on, on both backends, with an explicit clock."""
+    """The rules a storm relies on, on both backends, with an explicit clock (and what Prefect says of each run)."""
     _schema(database_url)
     model, cooldown = f"episode-{uuid.uuid4().hex[:6]}", timedelta(minutes=60)
     t0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+    # What Prefect reports per flow run: by default alive (running, beating every 30 s).
+    runs: dict[str, str] = {}
+    crashed: list[str] = []
+
+    async def status(flow_run_id: str, at: datetime) -> RunStatus | None:
+        state = runs.get(flow_run_id, "RUNNING")
+        if state == "SILENT":  # running by Prefect's account, but no heartbeat for two minutes
+            return RunStatus(flow_run_id, "RUNNING", "Running", at - timedelta(minutes=2), timedelta(seconds=30))
+        return RunStatus(flow_run_id, state, state.title(), at - timedelta(seconds=10), timedelta(seconds=30))
+
+    async def crash(flow_run_id: str, message: str) -> None:
+        crashed.append(flow_run_id)
 
     async def decide(at: datetime, kind: str = "drift") -> tuple[str, str, int]:
         engine = make_engine(database_url)
         try:
-            d = await decide_retrain(engine, model, "share 0.7", cooldown, now=at, kind=kind)
+            d = await decide_retrain(engine, model, "share 0.7", cooldown, now=at, kind=kind,
+                                     run_status=lambda run_id: status(run_id, at), crash=crash)
             return d.action, d.reason, d.trigger_id
+        finally:
+            await engine.dispose()
+
+    async def attach(trigger_id: int, flow_run_id: str) -> None:
+        engine = make_engine(database_url)
+        try:
+            await attach_flow_run(engine, trigger_id, flow_run_id)
         finally:
             await engine.dispose()
 
@@ -436,8 +455,12 @@ def test_an_episode_is_in_flight_then_cooling_down_then_over(database_url: str) 
         finally:
             await engine.dispose()
 
+    def outcome(trigger_id: int) -> str | None:
+        return {t.id: t.outcome for t in ds.triggers(database_url, [model])}[trigger_id]
+
     first = asyncio.run(decide(t0))
     assert first[0] == "started" and first[1] == "share 0.7"
+    asyncio.run(attach(first[2], "run-1"))
     in_flight = asyncio.run(decide(t0 + timedelta(minutes=30)))
     assert in_flight[0] == "suppressed" and in_flight[1].startswith(f"retraining already in flight (trigger {first[2]}")
     asyncio.run(finish(first[2], t0 + timedelta(minutes=40), "challenger"))
@@ -446,5 +469,33 @@ def test_an_episode_is_in_flight_then_cooling_down_then_over(database_url: str) 
     assert "until 2026-03-01 09:40:00 UTC" in cooling[1]
     after = asyncio.run(decide(t0 + timedelta(minutes=101)))
     assert after[0] == "started"
-    # A stuck run (never finished) stops blocking after the in-flight timeout of 6 h.
-    assert asyncio.run(decide(t0 + timedelta(hours=7, minutes=45)))[0] == "started"
+
+    # A trigger whose run was never created is in flight for a short grace only, then
+    # closed as never scheduled; a retraining that never ran starts no cooldown.
+    t1 = t0 + timedelta(minutes=101)
+    assert asyncio.run(decide(t1 + timedelta(minutes=1)))[0] == "suppressed"
+    unscheduled_over = asyncio.run(decide(t1 + timedelta(minutes=5)))
+    assert unscheduled_over[0] == "started", unscheduled_over
+    assert outcome(after[2]) == "never_scheduled"
+
+    # A run whose process was killed (Prefect still says Running, no heartbeat since): closed
+    # as crashed, marked Crashed in Prefect, and the very next breach retrains.
+    t2 = t1 + timedelta(minutes=6)
+    asyncio.run(attach(unscheduled_over[2], "run-killed"))
+    runs["run-killed"] = "SILENT"
+    killed_over = asyncio.run(decide(t2))
+    assert killed_over[0] == "started", killed_over
+    assert outcome(unscheduled_over[2]) == "crashed" and crashed == ["run-killed"]
+
+    # A run that ended Crashed, Cancelled or Failed without closing its trigger: closed with that outcome.
+    open_id = killed_over[2]
+    for n, state in enumerate(("CRASHED", "CANCELLED", "FAILED")):
+        asyncio.run(attach(open_id, f"run-{state}"))
+        runs[f"run-{state}"] = state
+        ended = asyncio.run(decide(t2 + timedelta(minutes=n + 1)))
+        assert outcome(open_id) == state.lower()
+        open_id = ended[2]
+        if state != "FAILED":  # crashed and cancelled runs never trained: the next breach starts one
+            assert ended[0] == "started", (state, ended)
+    # A failed retraining ran: it starts the cooldown like any other.
+    assert ended[0] == "suppressed" and "cooldown after retraining" in ended[1], ended

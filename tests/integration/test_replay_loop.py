@@ -41,7 +41,6 @@ from tests.helpers.stack import Broker, RunningStack, fabloop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-DRIFT_TRIGGER = "check every closed window"  # the drift-check trigger's name in prefect.yaml
 SPLIT_AT = 800  # the first export: four full windows of 200 wafers, all before the drift
 # The drift starts with the second export, so every window it closes holds only drifted
 # wafers, whatever order ingest consumes the partitions in: each of those windows must
@@ -95,14 +94,12 @@ def _cancel_and_settle(loop: Loop, timeout: float = 180) -> None:
 
 
 @pytest.fixture
-def loop(stack: RunningStack) -> Iterator[Loop]:
-    """``fabloop deploy`` on the session stack, the bootstrap approver on the allowlist; undone afterwards."""
+def loop(stack: RunningStack, deployments: None) -> Iterator[Loop]:
+    """The session's deployments, the window trigger on, the bootstrap approver on the allowlist; undone afterwards."""
     from fabloop.blocks import DEFAULT, ApprovalPolicy
 
     since = datetime.now(UTC)
-    t0 = time.monotonic()
-    fabloop("deploy", env=stack.env)
-    print(f"\nfabloop deploy: {time.monotonic() - t0:.0f}s")
+    ds.set_automation(stack, ds.WINDOW_TRIGGER, enabled=True)
     policy = ApprovalPolicy.load(DEFAULT)
     approvers_before = list(policy.approvers)
     if not policy.allows(BOOTSTRAP_APPROVER):  # as the main job does, and says so
@@ -116,7 +113,7 @@ def loop(stack: RunningStack) -> Iterator[Loop]:
             _cancel_and_settle(state)
         finally:
             # Window events of other modules' private stores must not start checks here.
-            ds.disable_automation(stack, DRIFT_TRIGGER)
+            ds.set_automation(stack, ds.WINDOW_TRIGGER, enabled=False)
             policy = ApprovalPolicy.load(DEFAULT)
             policy.approvers = approvers_before
             policy.save(DEFAULT, overwrite=True)

@@ -134,6 +134,8 @@ class WindowRow(Base):
     offsets: Mapped[dict[str, Any]] = mapped_column(default=dict)
     close_reason: Mapped[str | None] = mapped_column(String(32))
     announced: Mapped[bool] = mapped_column(Boolean, default=False)
+    # When the Prefect API last accepted the window's event (the sweep re-announces from it).
+    announced_at: Mapped[datetime | None]
 
 
 class WindowWaferRow(Base):
@@ -167,7 +169,8 @@ class DriftCheckRow(Base):
     __tablename__ = "drift_checks"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    window_id: Mapped[int] = mapped_column(ForeignKey("windows.id"), index=True)
+    # Unique: a check claims its window by inserting this row first (``claim_window``).
+    window_id: Mapped[int] = mapped_column(ForeignKey("windows.id"), index=True, unique=True)
     model: Mapped[str] = mapped_column(String(255), index=True)
     checked_at: Mapped[datetime] = mapped_column(default=utcnow)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))

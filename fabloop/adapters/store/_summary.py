@@ -6,6 +6,7 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from fabloop.adapters.store._checks import CLAIMED
 from fabloop.adapters.store._schema import DriftCheckRow, RetrainTriggerRow
 
 
@@ -20,7 +21,9 @@ class LoopSummary(BaseModel):
 async def loop_summary(engine: AsyncEngine, model: str) -> LoopSummary:
     """Drift checks and breaches (all models), suppressed triggers, and ``model``'s last breach reason."""
     async with engine.connect() as conn:
-        checks = (await conn.execute(select(func.count()).select_from(DriftCheckRow))).scalar_one()
+        # A claimed row is a check still running: it has no verdict yet.
+        judged = DriftCheckRow.status != CLAIMED
+        checks = (await conn.execute(select(func.count()).select_from(DriftCheckRow).where(judged))).scalar_one()
         breaches = (await conn.execute(select(func.count()).select_from(DriftCheckRow).where(
             (DriftCheckRow.drifted.is_(True)) | (DriftCheckRow.performance_breach.is_(True))))).scalar_one()
         suppressed = (await conn.execute(select(func.count()).select_from(RetrainTriggerRow).where(
