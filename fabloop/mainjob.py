@@ -50,6 +50,7 @@ from fabloop.core.publishing import parse_drift_spec
 from fabloop.core.simulate import SimulationConfig, simulate
 from fabloop.deployments import deploy, deployment_name
 from fabloop.infra.bootstrap import prefect_api
+from fabloop.infra.mlflow_auth import client_env
 from fabloop.infra.settings import StackEndpoints, prefect_env
 from fabloop.infra.stack import Stack
 
@@ -150,6 +151,7 @@ def run_main_job(ep: StackEndpoints, cfg: MainJobConfig, console: Console) -> di
     timings = Stack(ep).up(log=lambda m: console.print(f"  {m}", highlight=False))
     tl.mark(console, f"stack healthy ({timings})")
     os.environ.update(prefect_env(ep))
+    os.environ.update(client_env(ep))  # the registry reads below work as the service account
     deploy(ep)
     tl.mark(console, "deployments, triggers and blocks registered (prefect.yaml)")
     # Prefect read its settings when this module imported it: point this process's
@@ -186,6 +188,14 @@ def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline
         for model in bootstrap:
             pending = _wait(f"the first challenger of {model}", partial(pending_promotions, model), cfg.timeout_s)
             p = pending[0]
+            # Asked again right before approving: only a model the registry *answers* has no
+            # champion is bootstrapped. An unreachable MLflow raises here (alias_version never
+            # reads an outage as "no champion"), and the job stops without deciding anything.
+            now_champion = _champions(ep.mlflow_tracking_uri, [model])[model]
+            if now_champion is not None:
+                tl.mark(console, f"bootstrap: {model} has champion v{now_champion} now; v{p.version} is left "
+                                 "for an engineer to decide")
+                continue
             _decide(p.flow_run_id, BOOTSTRAP_APPROVER,
                     "bootstrap: initial champion approved by the main job (fabloop run)")
             _wait(f"{model} v{p.version} as champion",
@@ -223,7 +233,8 @@ def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline
         tl.mark(console, f"approved by {cfg.approve_as}: {drift_model} v{paused.version} is champion")
         result["champion"] = paused.version
     else:
-        console.print(f"\nApprove in the UI (Resume) or with: fabloop approve {drift_model} --as YOUR-NAME\n")
+        console.print(f"\nApprove in the UI (Resume) or with: fabloop approve {drift_model} "
+                      f"--version {paused.version} --as YOUR-NAME\n")
     return result
 
 

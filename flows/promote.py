@@ -14,6 +14,13 @@ approvals table and a ``fabloop.model.*`` Prefect event:
 - superseded: a newer challenger of the same model started its own promotion.
 
 ``rollback`` moves ``champion`` back to ``previous``, audited the same way.
+
+A decision that moves ``champion`` (approval, rollback) is recorded as *intended*
+before any alias moves and marked *completed* after, so that every champion the
+registry shows is explained by a row, even if the run dies in between; a later
+promotion of the same version completes an intended approval it finds (after a
+crash, the deployment's trigger starts that promotion again). Other outcomes are
+recorded before the challenger alias is dropped.
 """
 
 from __future__ import annotations
@@ -47,20 +54,25 @@ from fabloop.adapters.prefect_api import (
 )
 from fabloop.blocks import DEFAULT, ApprovalPolicy, FabloopDatabase, MLflowServer, load_block
 from fabloop.core.approval import (
+    INTENDED,
+    MOVES_CHAMPION,
     TIMED_OUT_REASON,
     ApprovalRecord,
     Decision,
     decision_markdown,
+    is_intended,
     newest_above,
     refusal_reason,
     superseded_by,
     superseded_reason,
 )
 from fabloop.core.names import (
+    CHAMPION,
     MODEL_PROMOTED,
     MODEL_REJECTED,
     MODEL_ROLLED_BACK,
     MODEL_SUPERSEDED,
+    PREVIOUS,
     PROMOTION_TAG,
     ROLLBACK_TAG,
     SUPERSEDED_TAG_PREFIX,
@@ -71,16 +83,21 @@ from fabloop.core.names import (
 )
 from fabloop.tasks.promotion import (
     champion_version,
+    complete_decision,
     decision_links,
     drop_challenger_alias,
     promote_to_champion,
     record_decision,
+    recorded_decisions,
     rollback_champion,
     tag_version,
 )
 
 RunLogger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
+# A promotion whose process dies (worker restarted) is started again by the promote
+# deployment's trigger; past this many crashes of one challenger it fails instead.
+MAX_CRASHED_ATTEMPTS = 5
 
 
 def _flow_run_id() -> str:
@@ -104,16 +121,31 @@ class _Promotion:
     run_id: str | None = None  # the challenger's training run
     description: str = ""
 
+    def record(
+        self, decision: Decision, *, approver: str | None = None, comment: str | None = None,
+        previous: str | None = None, detail: dict[str, Any] | None = None,
+    ) -> ApprovalRecord:
+        """Append the audit row of this run's decision."""
+        return record_decision(self.engine, ApprovalRecord(
+            model=self.model, version=self.version, decision=decision, approver=approver, comment=comment,
+            flow_run_id=self.flow_run_id, previous_champion=previous, detail=detail or {},
+        ))
+
     def finish(
         self, decision: Decision, *, state_name: str, message: str, approver: str | None = None,
         comment: str | None = None, previous: str | None = None, tags: dict[str, object] | None = None,
         event: str | None = None, detail: dict[str, Any] | None = None,
     ) -> State:
-        """Write the audit row, tag the version, emit the event, end the run with a named state."""
-        rec = record_decision(self.engine, ApprovalRecord(
-            model=self.model, version=self.version, decision=decision, approver=approver, comment=comment,
-            flow_run_id=self.flow_run_id, previous_champion=previous, detail=detail or {},
-        ))
+        """Write the audit row, then tag the version, emit the event, end the run with a named state."""
+        rec = self.record(decision, approver=approver, comment=comment, previous=previous, detail=detail)
+        return self.announce(rec, state_name=state_name, message=message, tags=tags, event=event)
+
+    def announce(
+        self, rec: ApprovalRecord, *, state_name: str, message: str, tags: dict[str, object] | None = None,
+        event: str | None = None,
+    ) -> State:
+        """Tell the registry, the events API and the run page what was recorded; end the run in a named state."""
+        decision, approver, comment = rec.decision, rec.approver, rec.comment
         tag_version(self.mlflow, self.model, self.version, {
             "decision": decision, "approver": approver, "comment": comment, "decided_at": rec.decided_at,
             "promotion_run": self.flow_run_id, **(tags or {}),
@@ -138,12 +170,12 @@ class _Promotion:
                            tags={"superseded_by": newer}, event=MODEL_SUPERSEDED, detail=detail)
 
     def timed_out(self, timeout_seconds: int) -> State:
+        rec = self.record("timed_out", comment=TIMED_OUT_REASON, previous=self.champion, detail={
+            "outcome": "rejected", "reason": TIMED_OUT_REASON, "timeout_seconds": timeout_seconds,
+        })
         drop_challenger_alias(self.mlflow, self.model, self.version)
-        return self.finish(
-            "timed_out", state_name="TimedOut", message=f"rejected: {TIMED_OUT_REASON}", comment=TIMED_OUT_REASON,
-            tags={"outcome": "rejected", "reason": TIMED_OUT_REASON}, event=MODEL_REJECTED,
-            detail={"outcome": "rejected", "reason": TIMED_OUT_REASON, "timeout_seconds": timeout_seconds},
-        )
+        return self.announce(rec, state_name="TimedOut", message=f"rejected: {TIMED_OUT_REASON}",
+                             tags={"outcome": "rejected", "reason": TIMED_OUT_REASON}, event=MODEL_REJECTED)
 
     def refused(self, answer: ApprovalInput, reason: str) -> None:
         """Record a decision that cannot be acted on; the run keeps waiting."""
@@ -155,23 +187,33 @@ class _Promotion:
         ))
 
     def approved(self, approver: str, comment: str) -> State:
-        previous = promote_to_champion(self.mlflow, self.model, self.version)
-        return self.finish(
-            "approved", state_name="Approved", message=f"approved by {approver}: version {self.version} is champion",
-            approver=approver, comment=comment or None, previous=previous,
-            tags={"previous_champion": previous}, event=MODEL_PROMOTED,
+        """Record the approval as intended, move the aliases, then mark it completed."""
+        # The champion as it is now, not as the decision page showed it.
+        before = champion_version(self.mlflow, self.model)
+        intent = self.record(
+            "approved", approver=approver, comment=comment or None, previous=before,
             # The drift checks' reference follows the champion: its training run is named
             # here so that consumers of the event need no registry lookup.
-            detail={"champion": self.version, "previous": previous, "champion_run_id": self.run_id},
+            detail={"status": INTENDED, "champion": self.version, "previous": before,
+                    "champion_run_id": self.run_id},
+        )
+        return self.complete_approval(intent)
+
+    def complete_approval(self, intent: ApprovalRecord) -> State:
+        """Move ``champion`` as ``intent`` says and mark it completed (also finishes an interrupted one)."""
+        previous = promote_to_champion(self.mlflow, self.model, self.version, intent.previous_champion)
+        rec = complete_decision(self.engine, intent, previous, {"previous": previous})
+        return self.announce(
+            rec, state_name="Approved", message=f"approved by {rec.approver}: version {self.version} is champion",
+            tags={"previous_champion": previous}, event=MODEL_PROMOTED,
         )
 
     def rejected(self, approver: str, comment: str) -> State:
+        rec = self.record("rejected", approver=approver, comment=comment, previous=self.champion,
+                          detail={"outcome": "rejected", "reason": comment, "champion": self.champion})
         drop_challenger_alias(self.mlflow, self.model, self.version)
-        return self.finish(
-            "rejected", state_name="Rejected", message=f"rejected by {approver}: {comment}", approver=approver,
-            comment=comment, previous=self.champion, tags={"outcome": "rejected", "reason": comment},
-            event=MODEL_REJECTED, detail={"outcome": "rejected", "reason": comment, "champion": self.champion},
-        )
+        return self.announce(rec, state_name="Rejected", message=f"rejected by {approver}: {comment}",
+                             tags={"outcome": "rejected", "reason": comment}, event=MODEL_REJECTED)
 
 
 def _supersede_older(p: _Promotion, wake_wait: float = 30.0) -> str | None:
@@ -252,9 +294,25 @@ def _open(model: str, version: str, policy_block: str, tracking_uri: str) -> _Pr
         engine=load_block(FabloopDatabase).get_engine(), mlflow=mlflow, champion=champion_version(mlflow, model),
         log=get_run_logger(), run_id=challenger.run_id or None,
     )
-    if p.champion == version:
-        raise ValueError(f"challenger_version: version {version} of {model!r} is already the champion")
+    crashed = [r for r in promotion_runs(model, states=("CRASHED",)) if r.version == version]
+    if len(crashed) >= MAX_CRASHED_ATTEMPTS:
+        # Failed, not Crashed: the deployment's restart trigger does not fire again.
+        raise RuntimeError(f"the promotion of {model} version {version} crashed {len(crashed)} times; "
+                           "not restarting it again (see those runs' logs)")
     return p
+
+
+def _interrupted_approval(p: _Promotion) -> ApprovalRecord | None:
+    """An approval of this challenger recorded as intended by a run that died before completing it.
+
+    Only the model's latest champion move is completed: an intent that later decisions
+    overtook stays as recorded.
+    """
+    moves = [r for r in recorded_decisions(p.engine, p.model) if r.decision in MOVES_CHAMPION]
+    last = moves[-1] if moves else None
+    if last is not None and last.decision == "approved" and last.version == p.version and is_intended(last):
+        return last
+    return None
 
 
 @flow(name="promote", flow_run_name="promote-{model}-v{challenger_version}")
@@ -276,8 +334,14 @@ def promote(
     """
     challenger_version = str(challenger_version)
     policy = load_block(ApprovalPolicy, policy_block)
-    tracking_uri = load_block(MLflowServer).tracking_uri
+    tracking_uri = load_block(MLflowServer).login()
     p = _open(model, challenger_version, policy_block, tracking_uri)
+    if (intent := _interrupted_approval(p)) is not None:
+        p.log.warning("completing decision #%s (approved by %s), interrupted before the aliases moved",
+                      intent.id, intent.approver)
+        return p.complete_approval(intent)  # type: ignore[return-value]  # Prefect ends the run in this state
+    if p.champion == challenger_version:
+        raise ValueError(f"challenger_version: version {challenger_version} of {model!r} is already the champion")
     deadline = datetime.now(UTC) + timedelta(seconds=policy.timeout_seconds)
     p.description = decision_markdown(
         model=model, challenger=challenger_version, champion=p.champion, reasons=reasons or [],
@@ -319,15 +383,21 @@ def rollback(model: str, approver: str, comment: str, policy_block: str = DEFAUL
         raise ValueError("comment: a comment is required to roll back")
     policy = load_block(ApprovalPolicy, policy_block)
     engine = load_block(FabloopDatabase).get_engine()
-    mlflow = registry.client(load_block(MLflowServer).tracking_uri)
+    mlflow = registry.client(load_block(MLflowServer).login())
     current = champion_version(mlflow, model)
     if not policy.allows(approver):
         return _refuse_rollback(engine, model, current, approver, comment, run_id, policy_block)  # type: ignore[return-value]
-    demoted, restored = rollback_champion(mlflow, model)
-    rec = record_decision(engine, ApprovalRecord(
-        model=model, version=demoted, decision="rolled_back", approver=approver, comment=comment,
-        flow_run_id=run_id, previous_champion=demoted, detail={"champion": restored, "demoted": demoted},
+    restored = registry.aliases(mlflow, model).get(PREVIOUS)
+    if current is None or restored is None:
+        raise registry.RegistryError(f"model {model!r} needs both {CHAMPION!r} and {PREVIOUS!r} to roll back")
+    # Recorded as intended before any alias moves, completed after (see the module docstring).
+    intent = record_decision(engine, ApprovalRecord(
+        model=model, version=current, decision="rolled_back", approver=approver, comment=comment,
+        flow_run_id=run_id, previous_champion=current,
+        detail={"status": INTENDED, "champion": restored, "demoted": current},
     ))
+    demoted, restored = rollback_champion(mlflow, model, (current, restored))
+    rec = complete_decision(engine, intent, demoted)
     tag_version(mlflow, model, demoted, {
         "decision": "rolled_back", "approver": approver, "comment": comment, "decided_at": rec.decided_at,
         "rollback_run": run_id, "rolled_back_to": restored,

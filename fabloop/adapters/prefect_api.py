@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
 
+import psutil
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -23,8 +25,10 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.events import emit_event
+from prefect.events.worker import EventsWorker
 from prefect.input import RunInput
-from prefect.states import Running
+from prefect.states import Crashed, Running
 from pydantic import ConfigDict, Field
 
 from fabloop.core.approval import TIMED_OUT_REASON, PendingPromotion, superseded_reason
@@ -104,6 +108,12 @@ class ResumeRefused(RuntimeError):
     """The Prefect server did not accept the decision (e.g. reject without a comment)."""
 
 
+# A decision sent this close to the pause's end is refused here rather than sent: the
+# server turns a resume that arrives after the deadline into a Failed run (which the
+# promotion then takes back to record its timeout), so a decision must arrive in time.
+LAST_MOMENT = timedelta(seconds=1)
+
+
 def resume_promotion(
     flow_run_id: str | UUID, decision: Literal["approve", "reject"], approver: str, comment: str = ""
 ) -> str:
@@ -118,6 +128,9 @@ def resume_promotion(
         if run.state is None or not run.state.is_paused():
             state = run.state.type.value if run.state else "no state"
             raise ResumeRefused(f"flow run {flow_run_id} is not waiting for a decision (state {state})")
+        ends = run.state.state_details.pause_timeout
+        if ends is not None and datetime.now(UTC) + LAST_MOMENT > ends:
+            raise ResumeRefused(f"flow run {flow_run_id} stops waiting for a decision at {ends:%H:%M:%S} UTC: too late")
         result = client.resume_flow_run(run.id, run_input=run_input.model_dump())
     if result.status != SetStateStatus.ACCEPT:
         reason = getattr(result.details, "reason", None) or result.status.value
@@ -176,3 +189,46 @@ def reclaim_expired_pause(flow_run_id: str | UUID) -> None:
     """
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(UUID(str(flow_run_id)), Running(message=TIMED_OUT_REASON), force=True)
+
+
+# --- events from short-lived processes -------------------------------------------------------
+
+
+def emit_and_flush(event: str, resource: dict[str, str], payload: dict[str, Any], timeout: float = 10.0) -> None:
+    """Emit a Prefect event and wait until it is sent: a command line exits right after.
+
+    ``emit_event`` hands the event to a background worker; draining it is what makes
+    sure the event left this process before the command ends.
+    """
+    emit_event(event=event, resource=resource, payload=payload)
+    EventsWorker.drain_all(timeout=timeout)
+
+
+# --- a promotion whose process is gone ----------------------------------------------------------
+
+
+def local_run_process_alive(flow_run_id: str | UUID) -> bool | None:
+    """Whether the process running ``flow_run_id`` on *this* host is alive.
+
+    A paused promotion is a live process of a worker (its ``infrastructure_pid``);
+    when the worker is stopped it goes too, but the run stays Paused: resuming it would
+    wake nothing. None when the run names no process or it cannot be inspected; only
+    meaningful when the run's worker runs on this host (the embedded stack's does).
+    """
+    with get_client(sync_client=True) as client:
+        pid = client.read_flow_run(UUID(str(flow_run_id))).infrastructure_pid
+    if not pid or not pid.isdigit():
+        return None
+    try:
+        env = psutil.Process(int(pid)).environ()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return None
+    return env.get("PREFECT__FLOW_RUN_ID") == str(flow_run_id)
+
+
+def mark_crashed(flow_run_id: str | UUID, message: str) -> None:
+    """Record that the run's process is gone; the promote deployment's trigger starts the promotion again."""
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(UUID(str(flow_run_id)), Crashed(message=message), force=True)

@@ -33,7 +33,7 @@ from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import Model, infer_signature
 from pydantic import BaseModel
 
 from fabloop.core.names import CHALLENGER, CHAMPION, PREVIOUS
@@ -44,7 +44,8 @@ if TYPE_CHECKING:  # LightGBM is heavy to import; promotion and drift checks nev
 __all__ = [
     "CHALLENGER", "CHAMPION", "MAX_TAG_VALUE", "MODEL_KIND_TAG", "PREVIOUS", "REFERENCE_ARTIFACT", "TAG_PREFIX",
     "MlflowClient", "ModelVersion", "RegistryError", "Scorer", "VersionInfo", "alias_version", "aliases",
-    "artifact_url", "client", "describe", "drop_alias_if_on", "experiment_name", "get_version", "load_scorer",
+    "all_aliases", "artifact_url", "client",
+    "describe", "drop_alias_if_on", "experiment_name", "get_version", "load_scorer",
     "log_feature_importance", "log_html", "log_metrics", "log_model", "log_params", "log_reference",
     "log_training_data", "log_trial", "promote_to_champion", "reference_frame", "register_version",
     "rollback_champion", "run_id_of", "run_of", "run_url", "set_alias", "set_run_tags", "set_tags", "start_run",
@@ -57,6 +58,8 @@ BASELINE_SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
 TAG_PREFIX = "fabloop."
 # Longest comment kept in a tag (the approvals table keeps all of it).
 MAX_TAG_VALUE = 5000
+# MLflow's own HTTP retries per request (an operator's environment wins).
+_HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class RegistryError(RuntimeError):
@@ -80,10 +83,16 @@ def client(tracking_uri: str) -> MlflowClient:
     """A client for the tracking server, also set as the process's tracking URI.
 
     The fluent API (``mlflow.start_run``, ``log_model``, the child processes MLflow
-    spawns) reads the URI from the process, the client from its argument.
+    spawns) reads the URI from the process, the client from its argument. Both take
+    the account from ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` in the process's
+    environment (set by ``MLflowServer.login`` in flows, by the CLI from the stack home).
     """
     mlflow.set_tracking_uri(tracking_uri)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    # MLflow retries a refused request 7 times over about four minutes by default; a
+    # few quick ones here, and fabloop's task retries (fabloop.tasks.retries) take over.
+    for name, value in _HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
@@ -104,6 +113,7 @@ def artifact_url(tracking_uri: str, run_id: str, artifact_path: str) -> str:
 # --- registry: versions and aliases ----------------------------------------------------
 
 def _missing(exc: MlflowException) -> bool:
+    """The registry answered "no such model, version, alias or run"; anything else is not an answer."""
     return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
@@ -134,7 +144,9 @@ def describe(ml: MlflowClient, model: str, version: str) -> VersionInfo:
     if mv.run_id:
         try:
             experiment_id = ml.get_run(mv.run_id).info.experiment_id
-        except MlflowException:
+        except MlflowException as exc:
+            if not _missing(exc):
+                raise  # unreachable is not "deleted": the caller retries or fails
             experiment_id = None  # the run was deleted: the version page still works
     return VersionInfo(
         model=model, version=str(mv.version), run_id=mv.run_id or None, experiment_id=experiment_id,
@@ -190,44 +202,80 @@ def drop_alias_if_on(ml: MlflowClient, model: str, alias: str, version: str) -> 
         ml.delete_registered_model_alias(model, alias)
 
 
-def promote_to_champion(ml: MlflowClient, model: str, version: str) -> str | None:
+def promote_to_champion(ml: MlflowClient, model: str, version: str, replaced: str | None = None) -> str | None:
     """Make ``version`` the champion; the champion it replaces keeps the ``previous`` alias.
 
-    The ``champion`` alias moves in a single registry call, so a reader never sees
-    a model without a champion. Returns the replaced champion's version (None for
-    a model's first champion).
+    Each step is one registry call and the calls can be interrupted anywhere, so they
+    run in the order that never leaves ``champion`` and ``previous`` on the same
+    version: ``previous`` leaves ``version`` first, ``champion`` moves in one call (a
+    reader never sees a model without a champion), and only then does ``previous``
+    name the replaced champion. Running it again completes an interrupted promotion:
+    ``champion`` is then already on ``version``, and ``replaced`` (from the decision's
+    intent record) names the champion it replaced. Returns the replaced champion's
+    version (None for a model's first champion).
     """
+    version = str(version)
     get_version(ml, model, version)
-    before = aliases(ml, model).get(CHAMPION)
-    if before is not None and before != str(version):
+    named = aliases(ml, model)
+    before = named.get(CHAMPION)
+    if before == version:
+        before = replaced if replaced != version else None
+    if named.get(PREVIOUS) == version:
+        ml.delete_registered_model_alias(model, PREVIOUS)
+    if named.get(CHAMPION) != version:
+        ml.set_registered_model_alias(model, CHAMPION, version)
+    if before is not None and named.get(PREVIOUS) != before:
         ml.set_registered_model_alias(model, PREVIOUS, before)
-    ml.set_registered_model_alias(model, CHAMPION, str(version))
-    drop_alias_if_on(ml, model, CHALLENGER, version)
-    return before if before != str(version) else None
+    if named.get(CHALLENGER) == version:
+        ml.delete_registered_model_alias(model, CHALLENGER)
+    return before
 
 
-def rollback_champion(ml: MlflowClient, model: str) -> tuple[str, str]:
+def rollback_champion(
+    ml: MlflowClient, model: str, planned: tuple[str, str] | None = None
+) -> tuple[str, str]:
     """Move ``champion`` back to ``previous``; returns (demoted, restored) versions.
 
     Afterwards ``previous`` names the champion the restored version had replaced
     (read from its ``fabloop.previous_champion`` tag), so rollbacks can walk back
-    the promotion history; without that tag the alias is removed.
+    the promotion history; without that tag the alias is removed. ``previous``
+    moves before ``champion``: an interruption leaves the old champion in place,
+    never ``champion`` and ``previous`` on the same version. ``planned`` (demoted,
+    restored), as read before the decision was recorded, makes a repeated call
+    finish the same rollback instead of rolling back one step further.
     """
     named = aliases(ml, model)
-    current, restored = named.get(CHAMPION), named.get(PREVIOUS)
+    current, restored = planned or (named.get(CHAMPION), named.get(PREVIOUS))
+    if planned is not None and named.get(CHAMPION) == restored:
+        return planned  # done already: a repeated call
     if restored is None:
         raise RegistryError(f"model {model!r} has no version with alias {PREVIOUS!r}: nothing to roll back to")
     if current is None:
         raise RegistryError(f"model {model!r} has no version with alias {CHAMPION!r}: nothing to roll back")
+    if named.get(CHAMPION) != current:
+        raise RegistryError(f"model {model!r}: {CHAMPION!r} moved to version {named.get(CHAMPION)} meanwhile")
     if current == restored:
         raise RegistryError(f"model {model!r}: {CHAMPION!r} and {PREVIOUS!r} are both on version {current}")
-    ml.set_registered_model_alias(model, CHAMPION, restored)
     before_restored = describe(ml, model, restored).tags.get(f"{TAG_PREFIX}previous_champion")
     if before_restored and before_restored not in (restored, current):
         ml.set_registered_model_alias(model, PREVIOUS, before_restored)
-    else:
+    elif named.get(PREVIOUS) is not None:
         ml.delete_registered_model_alias(model, PREVIOUS)
+    ml.set_registered_model_alias(model, CHAMPION, restored)
     return current, restored
+
+
+def all_aliases(ml: MlflowClient) -> dict[str, dict[str, str]]:
+    """Every registered model and its aliases (alias -> version), for the audit."""
+    out: dict[str, dict[str, str]] = {}
+    token: str | None = None
+    while True:
+        page = ml.search_registered_models(max_results=200, page_token=token)
+        for registered in page:
+            out[registered.name] = {alias: str(v) for alias, v in (registered.aliases or {}).items()}
+        token = page.token
+        if not token:
+            return out
 
 
 # --- tracking: experiments, logged models, reference data, reports ---------------------
@@ -366,12 +414,49 @@ class Scorer:
         return np.asarray(self.model.predict_proba(X)[:, 1])
 
 
+# The LightGBM class fabloop logs: saved in LightGBM's own text format, which loads
+# without running code (any other class of the flavour is pickled or skops'd).
+LIGHTGBM_BOOSTER = "lightgbm.basic.Booster"
+
+
+def scorer_kind(model: str, version: str, flavors: Mapping[str, Mapping[str, Any]]) -> str:
+    """Which of fabloop's own formats a logged model is, read from its MLmodel flavours.
+
+    A LightGBM Booster (``lightgbm`` flavour, text format) or the baseline pipeline
+    (``sklearn`` flavour in skops, trusting no type beyond fabloop's allowlist);
+    anything else (a pickle, a pyfunc wrapper, a flavour fabloop never logs) could
+    run code when loaded, so it is refused, whatever the run's tags say.
+    """
+    lgbm = flavors.get("lightgbm")
+    if lgbm is not None and lgbm.get("model_class") == LIGHTGBM_BOOSTER:
+        return "lightgbm"
+    sk = flavors.get("sklearn")
+    if (sk is not None and sk.get("serialization_format") == "skops"
+            and set(sk.get("skops_trusted_types") or []) <= set(BASELINE_SKOPS_TRUSTED_TYPES)):
+        return "baseline"
+    declared = "; ".join(
+        f"{name}" + "".join(f" {k}={conf[k]}" for k in ("model_class", "serialization_format", "loader_module")
+                            if isinstance(conf, Mapping) and conf.get(k))
+        for name, conf in flavors.items()
+    ) or "none"
+    raise RegistryError(
+        f"model {model!r} version {version} is not a model fabloop writes (flavours: {declared}); "
+        f"fabloop loads only the lightgbm flavour ({LIGHTGBM_BOOSTER}) or its skops baseline, never a pickle"
+    )
+
+
 def load_scorer(client: MlflowClient, version: ModelVersion) -> Scorer:
-    run = run_of(client, version)
-    kind = run.data.tags.get(MODEL_KIND_TAG, "lightgbm")
+    """The version's model, loaded through its declared flavour once :func:`scorer_kind` accepts it.
+
+    The MLmodel checked is the one loaded: both come from one download.
+    """
     uri = f"models:/{version.name}/{version.version}"
+    with tempfile.TemporaryDirectory(prefix="fabloop-scorer-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        flavors = Model.load(str(Path(local) / "MLmodel")).flavors
+        kind = scorer_kind(version.name, str(version.version), flavors)
+        model = mlflow.lightgbm.load_model(local) if kind == "lightgbm" else mlflow.sklearn.load_model(local)
     meta = mlflow.artifacts.load_dict(f"runs:/{run_id_of(version)}/features.json")
-    model = mlflow.lightgbm.load_model(uri) if kind == "lightgbm" else mlflow.sklearn.load_model(uri)
     return Scorer(version, kind, model, list(meta["features"]), meta.get("best_iteration"))
 
 

@@ -16,7 +16,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Event-driven
 
 stack.register(app)  # up / run / deploy / status / down
 stream.register(app)  # simulate / ingest
-approvals.register(app)  # approvals / approve / reject / rollback
+approvals.register(app)  # approvals / approve / reject / rollback / audit
 data.register(app)  # replay / publish-stdf
 
 

@@ -1,9 +1,15 @@
-"""``fabloop approvals / approve / reject / rollback``: human decisions from the terminal.
+"""``fabloop approvals / approve / reject / rollback / audit``: human decisions from the terminal.
 
-``approve`` and ``reject`` resume the model's paused ``promote`` run with exactly
-the input the Prefect UI's Resume form sends, so the flow (not this command)
-checks the allowlist and records the decision; the command then waits for the
-outcome and reports it, including a refusal.
+``approve`` and ``reject`` resume the paused ``promote`` run of the version the
+engineer names (``--version``: the one they reviewed, never just the newest) with
+exactly the input the Prefect UI's Resume form sends, so the flow (not this
+command) checks the allowlist and records the decision; the command then waits for
+the outcome and reports it. Any outcome other than the one asked for (refused,
+superseded meanwhile, timed out) exits 1.
+
+``audit`` reads the decisions back: a model's alias history, or (``--verify``)
+every model's aliases in the registry compared with the decisions that should
+explain them.
 """
 
 # Prefect, MLflow, httpx and the store are imported inside the commands, after ``connect``
@@ -19,12 +25,17 @@ import typer
 from rich.table import Table
 
 from fabloop.cli._common import HomeOpt, connect, console, fail
-from fabloop.core.approval import ApprovalRecord, PendingPromotion
-from fabloop.core.names import CHAMPION, PREVIOUS
+from fabloop.core.approval import AliasVerdict, ApprovalRecord, PendingPromotion, alias_history, is_intended
+from fabloop.core.names import CHAMPION, MODEL_CHAMPION_UNEXPLAINED, PREVIOUS
 from fabloop.infra.settings import StackEndpoints
 
 ApproverOpt = Annotated[str, typer.Option("--as", help="Your name, as on the approver allowlist.", show_default=False)]
 WaitOpt = Annotated[float, typer.Option(help="Seconds to wait for the outcome (0: do not wait).")]
+VersionOpt = Annotated[str, typer.Option(
+    "--version", help="The challenger version you reviewed; refused unless it is the one waiting.", show_default=False,
+)]
+# The state a promotion ends in when the decision asked for was acted on.
+_ACTED_ON = {"approve": "Approved", "reject": "Rejected"}
 
 
 def _pending(ep: StackEndpoints, model: str | None) -> list[PendingPromotion]:
@@ -40,8 +51,8 @@ def _pending(ep: StackEndpoints, model: str | None) -> list[PendingPromotion]:
         raise typer.Exit(1) from None
 
 
-def _decisions(ep: StackEndpoints, model: str, flow_run_id: str) -> list[ApprovalRecord]:
-    """The audit rows of one promotion run, from the event store."""
+def _decisions(ep: StackEndpoints, model: str | None, flow_run_id: str | None = None) -> list[ApprovalRecord]:
+    """The audit rows of a model (of every model if None; of one promotion run if given), from the event store."""
     from fabloop.adapters.store import decisions, engine_for, run_sync
 
     async def read() -> list[ApprovalRecord]:
@@ -97,7 +108,8 @@ def approvals(
 
 
 def _decide(
-    model: str, decision: Literal["approve", "reject"], approver: str, comment: str, home: Path | None, wait: float
+    model: str, version: str, decision: Literal["approve", "reject"], approver: str, comment: str,
+    home: Path | None, wait: float,
 ) -> None:
     ep = connect(home)
     from fabloop.adapters.prefect_api import ResumeRefused, resume_promotion, wait_for_outcome
@@ -111,10 +123,13 @@ def _decide(
         hint = f" (pending: {', '.join(others)})" if others else ""
         fail(f"no pending promotion for {model}{hint}")
         raise typer.Exit(1)
-    target = pending[0]
-    if len(pending) > 1:
-        console.print(f"{len(pending)} promotions wait for {model}; deciding the newest (version {target.version})",
-                      markup=False)
+    target = next((p for p in pending if p.version == version.strip()), None)
+    if target is None:
+        waiting = ", ".join(sorted({p.version for p in pending}))
+        fail(f"version {version} of {model} is not the pending one (waiting for a decision: version {waiting}); "
+             "review that version before deciding")
+        raise typer.Exit(1)
+    target = _alive(ep, target, max(wait, 180.0))
     try:
         left = resume_promotion(target.flow_run_id, decision, approver, comment)
     except ResumeRefused as exc:
@@ -134,33 +149,65 @@ def _decide(
         fail(f"refused: {reason}; the promotion of {model} version {target.version} is still waiting")
         raise typer.Exit(1)
     console.print(f"{model} version {target.version}: {state.name}: {state.message}", markup=False, highlight=False)
-    if not state.is_completed():
+    if not state.is_completed() or state.name != _ACTED_ON[decision]:
+        fail(f"your {decision} was not acted on: the promotion ended {state.name}")
         raise typer.Exit(1)
+
+
+def _alive(ep: StackEndpoints, target: PendingPromotion, timeout: float) -> PendingPromotion:
+    """The promotion to resume: ``target``, or the one started again when ``target``'s process is gone.
+
+    A worker restart takes a paused promotion's process with it while the run still
+    shows Paused. Such a run is marked Crashed, the promote deployment's trigger starts
+    the same challenger's promotion again, and the decision goes to that one.
+    """
+    import time
+
+    from fabloop.adapters.prefect_api import local_run_process_alive, mark_crashed
+    from fabloop.infra.process import ProcessManager
+
+    if ProcessManager(ep.home).running("worker") is None or local_run_process_alive(target.flow_run_id) is not False:
+        return target  # alive, or its worker is not this host's: nothing to say
+    console.print(f"the promotion of {target.model} version {target.version} lost its process (flow run "
+                  f"{target.flow_run_id}, e.g. a worker restart); starting it again", markup=False)
+    mark_crashed(target.flow_run_id, "its process is gone (worker restarted?); the promotion is started again")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        again = [p for p in _pending(ep, target.model)
+                 if p.version == target.version and p.flow_run_id != target.flow_run_id]
+        if again:
+            return again[0]
+        time.sleep(1.0)
+    fail(f"the promotion of {target.model} version {target.version} was not started again within {timeout:.0f}s; "
+         "start it from the promote deployment")
+    raise typer.Exit(1)
 
 
 def approve(
     model: Annotated[str, typer.Argument(help="Registered model name, e.g. yield-ETCH-02.")],
+    version: VersionOpt,
     approver: ApproverOpt,
     comment: Annotated[str, typer.Option(help="Why (optional when approving).")] = "",
     wait: WaitOpt = 60.0,
     home: HomeOpt = None,
 ) -> None:
-    """Approve the model's pending challenger: it becomes champion."""
-    _decide(model, "approve", approver, comment, home, wait)
+    """Approve the model's pending challenger VERSION: it becomes champion."""
+    _decide(model, version, "approve", approver, comment, home, wait)
 
 
 def reject(
     model: Annotated[str, typer.Argument(help="Registered model name.")],
     approver: ApproverOpt,
     comment: Annotated[str, typer.Option(help="Why the challenger is rejected (required).", show_default=False)],
+    version: VersionOpt,
     wait: WaitOpt = 60.0,
     home: HomeOpt = None,
 ) -> None:
-    """Reject the model's pending challenger: the champion stays."""
+    """Reject the model's pending challenger VERSION: the champion stays."""
     if not comment.strip():
         fail("--comment: a comment is required to reject")
         raise typer.Exit(2)
-    _decide(model, "reject", approver, comment, home, wait)
+    _decide(model, version, "reject", approver, comment, home, wait)
 
 
 def rollback(
@@ -193,9 +240,76 @@ def rollback(
                   f"(was {outcome['detail']['demoted']}); rolled back by {approver}", markup=False, highlight=False)
 
 
+def _print_history(ep: StackEndpoints, model: str) -> None:
+    records = _decisions(ep, model)
+    if not records:
+        console.print(f"no recorded decision for {model}", markup=False)
+        return
+    table = Table(title=f"decisions and champion of {model}")
+    for col in ("#", "decided (UTC)", "decision", "version", "by", "champion after", "replaced", "comment"):
+        table.add_column(col)
+    for rec, champion in alias_history(records):
+        decision = rec.decision + (" (intended, not completed)" if is_intended(rec) else "")
+        when = f"{rec.decided_at:%Y-%m-%d %H:%M:%S}" if rec.decided_at else "-"
+        replaced = rec.previous_champion if rec.decision in ("approved", "rolled_back") else None
+        table.add_row(str(rec.id), when, decision, rec.version, rec.approver or "-", champion or "-",
+                      replaced or "-", (rec.comment or "")[:60])
+    console.print(table)
+
+
+def _verify(ep: StackEndpoints, model: str | None) -> list[AliasVerdict]:
+    """Every model's (or one model's) registry aliases against its recorded decisions."""
+    from fabloop.adapters import registry
+    from fabloop.core.approval import verify_aliases
+
+    mlflow = registry.client(ep.mlflow_tracking_uri)
+    named = registry.all_aliases(mlflow)
+    records = _decisions(ep, model)
+    models = [model] if model else sorted(set(named) | {r.model for r in records})
+    return [verify_aliases(m, named.get(m, {}), [r for r in records if r.model == m]) for m in models]
+
+
+def audit(
+    model: Annotated[str | None, typer.Argument(help="Registered model name (every model with --verify).")] = None,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Compare the registry's aliases with the recorded decisions; exit 1 if any is unexplained.",
+    )] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Print a model's alias history from the decisions, or verify that decisions explain every champion."""
+    if not verify:
+        if model is None:
+            fail("give a MODEL, or --verify to check every model")
+            raise typer.Exit(2)
+        _print_history(connect(home), model)
+        return
+    ep = connect(home)
+    verdicts = _verify(ep, model)
+    unexplained = [v for v in verdicts if not v.explained]
+    for v in verdicts:
+        if v.explained:
+            line = f"ok           {v.model}: champion {v.champion or '-'}"
+            line += f" (decision #{v.decision_id})" if v.decision_id else ""
+            console.print(line + (f"; {v.note}" if v.note else ""), markup=False, highlight=False)
+        else:
+            console.print(f"UNEXPLAINED  {v.model}: {v.problem}", markup=False, highlight=False)
+    if unexplained:
+        from fabloop.adapters.prefect_api import emit_and_flush
+        from fabloop.core.names import model_resource
+
+        for v in unexplained:
+            emit_and_flush(MODEL_CHAMPION_UNEXPLAINED, model_resource(v.model, v.champion),
+                           v.model_dump(mode="json"))
+        fail(f"{len(unexplained)} of {len(verdicts)} models have a champion no recorded decision explains "
+             f"(event {MODEL_CHAMPION_UNEXPLAINED} emitted for each)")
+        raise typer.Exit(1)
+    console.print(f"every champion is explained by a recorded decision ({len(verdicts)} models)", markup=False)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``approvals``, ``approve``, ``reject`` and ``rollback`` to the ``fabloop`` app."""
+    """Add ``approvals``, ``approve``, ``reject``, ``rollback`` and ``audit`` to the ``fabloop`` app."""
     app.command("approvals")(approvals)
     app.command("approve")(approve)
     app.command("reject")(reject)
     app.command("rollback")(rollback)
+    app.command("audit")(audit)

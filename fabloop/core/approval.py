@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fabloop.core.names import SUPERSEDED_TAG_PREFIX
+from fabloop.core.names import CHAMPION, PREVIOUS, SUPERSEDED_TAG_PREFIX
 
 Decision = Literal["approved", "rejected", "refused", "timed_out", "superseded", "rolled_back"]
 DecisionRequest = Literal["approve", "reject"]
@@ -166,3 +166,96 @@ def superseded_reason(version: str) -> str:
 def superseded_by(tags: Sequence[str]) -> str | None:
     """The version named by a ``superseded-by:N`` tag, if any."""
     return next((t.removeprefix(SUPERSEDED_TAG_PREFIX) for t in tags if t.startswith(SUPERSEDED_TAG_PREFIX)), None)
+
+
+# --- decisions that move the champion: intent, completion, verification ---------------------
+
+# An approval or rollback is recorded in two steps around the alias moves: the row is
+# written ``intended`` (who decided what, replacing which champion) before the
+# registry is touched, and marked ``completed`` once the aliases are where the row
+# says. A crash in between leaves an intended row that names both possible champions.
+INTENDED = "intended"
+COMPLETED = "completed"
+MOVES_CHAMPION: tuple[Decision, ...] = ("approved", "rolled_back")
+
+
+def is_intended(record: ApprovalRecord) -> bool:
+    """The decision was recorded but its alias moves were not confirmed (yet)."""
+    return record.detail.get("status") == INTENDED
+
+
+def champion_after(record: ApprovalRecord) -> str | None:
+    """The champion a decision that moves ``champion`` made (None for other decisions)."""
+    if record.decision == "approved":
+        return record.version
+    if record.decision == "rolled_back":
+        restored = record.detail.get("champion")
+        return None if restored is None else str(restored)
+    return None
+
+
+def champion_before(record: ApprovalRecord) -> str | None:
+    """The champion a decision that moves ``champion`` replaced."""
+    if record.decision == "rolled_back":
+        demoted = record.detail.get("demoted", record.version)
+        return None if demoted is None else str(demoted)
+    return record.previous_champion
+
+
+def alias_history(records: Sequence[ApprovalRecord]) -> list[tuple[ApprovalRecord, str | None]]:
+    """Each decision (oldest first) with the champion it left: the model's alias history as recorded."""
+    champion: str | None = None
+    out = []
+    for rec in records:
+        if rec.decision in MOVES_CHAMPION:
+            champion = champion_after(rec)
+        out.append((rec, champion))
+    return out
+
+
+class AliasVerdict(BaseModel):
+    """One model's aliases in the registry compared with its recorded decisions."""
+
+    model: str
+    champion: str | None
+    previous: str | None
+    expected: str | None = None  # the champion the last recorded decision made
+    decision_id: int | None = None  # that decision
+    problem: str | None = None  # why the registry is not explained; None when it is
+    note: str | None = None  # explained, but worth saying (an intent not completed)
+
+    @property
+    def explained(self) -> bool:
+        return self.problem is None
+
+
+def verify_aliases(model: str, aliases: Mapping[str, str], records: Sequence[ApprovalRecord]) -> AliasVerdict:
+    """Whether a recorded decision explains ``model``'s ``champion`` (and ``previous``).
+
+    The last decision that moved ``champion`` must name the version carrying it. If
+    that decision is only intended (interrupted between its record and its alias
+    moves), either side of the move is explained: the champion it replaced or the
+    one it made.
+    """
+    champion, previous = aliases.get(CHAMPION), aliases.get(PREVIOUS)
+    verdict = AliasVerdict(model=model, champion=champion, previous=previous)
+    moves = [r for r in records if r.decision in MOVES_CHAMPION]
+    if champion is not None and champion == previous:
+        verdict.problem = f"champion and previous are both on version {champion}"
+        return verdict
+    if not moves:
+        if champion is not None:
+            verdict.problem = f"champion is version {champion} but no recorded decision made any version champion"
+        return verdict
+    last = moves[-1]
+    verdict.expected, verdict.decision_id = champion_after(last), last.id
+    who = f"decision #{last.id} ({last.decision} by {last.approver or 'nobody'}"
+    who += f" at {last.decided_at:%Y-%m-%d %H:%M:%S} UTC)" if last.decided_at else ")"
+    allowed = {verdict.expected}
+    if is_intended(last):
+        allowed.add(champion_before(last))
+        verdict.note = f"{who} is recorded as intended, not completed"
+    if champion not in allowed:
+        shown = "no version" if champion is None else f"version {champion}"
+        verdict.problem = f"champion is {shown} but the last {who} made version {verdict.expected} champion"
+    return verdict

@@ -19,6 +19,8 @@ MODEL_PROMOTED = "fabloop.model.promoted"
 MODEL_REJECTED = "fabloop.model.rejected"
 MODEL_SUPERSEDED = "fabloop.model.superseded"
 MODEL_ROLLED_BACK = "fabloop.model.rolled_back"
+# A champion no recorded decision explains (``fabloop audit --verify``).
+MODEL_CHAMPION_UNEXPLAINED = "fabloop.model.champion_unexplained"
 
 # --- deployments, as ``flow-name/deployment-name`` for run_deployment ---------------
 INGEST_DEPLOYMENT = "ingest/ingest"

@@ -206,6 +206,16 @@ def wait_paused(
 
 def wait_completed(stack: RunningStack, run: PromotionRun, timeout: float = 60) -> dict[str, Any]:
     """The run's final state (Completed, named after the outcome)."""
+    deadline = time.monotonic() + 30
+    while not run.flow_run_id:  # a run that ends without pausing: find it by its challenger
+        found = [fr for fr in _runs(stack.ep.prefect_api_url, run.model)
+                 if str(fr["parameters"].get("challenger_version")) == run.version]
+        if found:
+            run.flow_run_id = found[0]["id"]
+        elif time.monotonic() > deadline:
+            raise AssertionError(f"no promote run of {run.model} v{run.version} within 30s:\n{run.output()}")
+        else:
+            time.sleep(0.3)
     try:
         final = wait_final(stack, run.flow_run_id, timeout, interval=0.3)
     except AssertionError as exc:
@@ -267,3 +277,44 @@ def alias(stack: RunningStack, model: str, name: str) -> str | None:
     from fabloop.adapters.registry import aliases, client
 
     return aliases(client(stack.ep.mlflow_tracking_uri), model).get(name)
+
+
+def paused_run(stack: RunningStack, model: str, version: str, timeout: float = 90,
+               skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The first ``promote`` run of ``model`` ``version`` (other than ``skip``) that is paused."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        for fr in _runs(stack.ep.prefect_api_url, model):
+            if str(fr["parameters"].get("challenger_version")) != version or fr["id"] in skip:
+                continue
+            seen[fr["id"]] = (fr["state"] or {}).get("name")
+            if (fr["state"] or {}).get("type") == "PAUSED":
+                return fr
+        time.sleep(0.5)
+    raise AssertionError(f"no paused promotion of {model} v{version} within {timeout}s (runs: {seen})")
+
+
+def start_deployment_run(stack: RunningStack, parameters: dict[str, Any]) -> str:
+    """A ``promote`` run of the deployment, as the retraining flow starts one: the worker runs it."""
+    from tests.helpers.prefect_api import api, deployment_id
+
+    run = api(stack, "POST", f"/deployments/{deployment_id(stack, 'promote', 'promote')}/create_flow_run",
+              {"parameters": parameters})
+    return str(run["id"])
+
+
+def record_intent(stack: RunningStack, model: str, version: str, approver: str, replaced: str | None,
+                  flow_run_id: str = "crashed-run") -> Any:
+    """An approval recorded as intended by a run that died before it moved any alias."""
+    from fabloop.adapters.store import engine_for, record_decision, run_sync
+    from fabloop.core.approval import INTENDED, ApprovalRecord
+
+    async def write() -> Any:
+        async with engine_for(stack.ep.database_url) as engine:
+            return await record_decision(engine, ApprovalRecord(
+                model=model, version=version, decision="approved", approver=approver, previous_champion=replaced,
+                flow_run_id=flow_run_id, detail={"status": INTENDED, "champion": version, "previous": replaced},
+            ))
+
+    return run_sync(write())

@@ -73,8 +73,8 @@ def test_approve_from_the_cli_promotes_and_audits(
     assert f"decide:  {stack.ep.prefect_ui_url}/runs/flow-run/{run.flow_run_id}\n" in listing
     assert f"model:   {stack.ep.mlflow_tracking_uri}/#/models/{model}/versions/{v2}\n" in listing
 
-    out = fabloop("approve", model, "--as", "Alice", "--comment", "better recall at the operating point",
-                  env=stack.env)
+    out = fabloop("approve", model, "--version", v2, "--as", "Alice",
+                  "--comment", "better recall at the operating point", env=stack.env)
     assert "Approved" in out.stdout, out.stdout
     state = wait_completed(stack, run)
     assert (state["type"], state["name"]) == ("COMPLETED", "Approved")
@@ -87,6 +87,7 @@ def test_approve_from_the_cli_promotes_and_audits(
     [rec] = approvals(stack, model)
     assert (rec.version, rec.decision, rec.approver, rec.previous_champion) == (v2, "approved", "Alice", v1)
     assert rec.flow_run_id == run.flow_run_id and rec.decided_at >= since
+    assert rec.detail["status"] == "completed"  # recorded as intended before the aliases moved, then completed
     [event] = events(stack, "fabloop.model.promoted", model, since)
     assert event["resource"]["fabloop.model.version"] == v2
     assert event["payload"]["approver"] == "Alice" and event["payload"]["previous_champion"] == v1
@@ -105,7 +106,7 @@ def test_reject_needs_a_comment_and_keeps_the_champion(
     answer = resume(stack, run.flow_run_id, {"decision": "reject", "approver": "Bob", "comment": ""})
     assert answer["status"] == "REJECT" and "comment" in answer["details"]["reason"]
     assert flow_run(stack, run.flow_run_id)["state"]["id"] == paused["state"]["id"]  # still waiting
-    out = fabloop("reject", model, "--as", "Bob", "--comment", "  ", env=stack.env, check=False)
+    out = fabloop("reject", model, "--version", v2, "--as", "Bob", "--comment", "  ", env=stack.env, check=False)
     assert out.returncode == 2 and "comment is required" in out.stdout
 
     answer = resume(stack, run.flow_run_id,
@@ -159,7 +160,7 @@ def test_refused_approver_is_recorded_and_the_run_keeps_waiting(
                     {"challenger": 0})
     run = launcher.start(model, v1, policy)
     paused = wait_paused(stack, run)
-    out = fabloop("approve", model, "--as", "Mallory", env=stack.env, check=False)
+    out = fabloop("approve", model, "--version", v1, "--as", "Mallory", env=stack.env, check=False)
     assert out.returncode == 1, out.stdout
     assert "refused" in out.stdout and "'Mallory' is not on the approver allowlist" in out.stdout
     again = wait_paused(stack, run, after_state=paused["state"]["id"])
@@ -195,7 +196,11 @@ def test_newer_challenger_supersedes_the_pending_one(
     listing = fabloop("approvals", model, env=stack.env).stdout
     assert older.flow_run_id not in listing and newer.flow_run_id in listing
 
-    fabloop("approve", model, "--as", "Alice", env=stack.env)
+    # The engineer reviewed version 2, which is no longer the pending one: refused, nothing decided.
+    stale = fabloop("approve", model, "--version", v2, "--as", "Alice", env=stack.env, check=False)
+    assert stale.returncode == 1 and f"version {v2} of {model} is not the pending one" in stale.stdout, stale.stdout
+    assert alias(stack, model, "champion") == v1
+    fabloop("approve", model, "--version", v3, "--as", "Alice", env=stack.env)
     assert wait_completed(stack, newer)["name"] == "Approved"
     assert (alias(stack, model, "champion"), alias(stack, model, "previous")) == (v3, v1)
     assert version_tags(stack, model, v2)["fabloop.decision"] == "superseded"
@@ -216,6 +221,12 @@ def test_rollback_moves_champion_back_to_previous(stack: RunningStack, policy: s
 
     client(stack.ep.mlflow_tracking_uri).set_registered_model_alias(model, "champion", v2)
     client(stack.ep.mlflow_tracking_uri).set_registered_model_alias(model, "previous", v1)
+    # Moved by hand, outside any decision: the audit says so, exits 1 and emits an event.
+    unexplained = fabloop("audit", "--verify", model, env=stack.env, check=False)
+    assert unexplained.returncode == 1, unexplained.stdout
+    assert f"UNEXPLAINED  {model}: champion is version {v2} but no recorded decision" in unexplained.stdout
+    [flagged] = events(stack, "fabloop.model.champion_unexplained", model, since)
+    assert flagged["resource"]["fabloop.model.version"] == v2 and flagged["payload"]["champion"] == v2
 
     out = fabloop("rollback", model, "--as", "Mallory", "--comment", "scrap rate up", "--policy", policy,
                   env=stack.env, check=False)
@@ -235,8 +246,14 @@ def test_rollback_moves_champion_back_to_previous(stack: RunningStack, policy: s
     assert (rolled.decision, rolled.version, rolled.approver, rolled.detail["champion"]) == (
         "rolled_back", v2, "Bob", v1
     )
+    assert rolled.detail["status"] == "completed"
     [event] = events(stack, "fabloop.model.rolled_back", model, since)
     assert event["payload"]["comment"] == "scrap rate up on ETCH-02 since v2"
+    verified = fabloop("audit", "--verify", model, env=stack.env)
+    assert f"ok           {model}: champion {v1} (decision #{rolled.id})" in verified.stdout, verified.stdout
+    history = fabloop("audit", model, env=stack.env).stdout
+    row = next(line for line in history.splitlines() if "rolled_back" in line)
+    assert f" {v2} " in row and f" {v1} " in row and "Bob" in row, history
 
     again = fabloop("rollback", model, "--as", "Bob", "--comment", "again", "--policy", policy,
                     env=stack.env, check=False)
@@ -244,7 +261,7 @@ def test_rollback_moves_champion_back_to_previous(stack: RunningStack, policy: s
 
 
 def test_cli_names_what_is_missing(stack: RunningStack) -> None:
-    out = fabloop("approve", "no-such-model", "--as", "Alice", env=stack.env, check=False)
+    out = fabloop("approve", "no-such-model", "--version", "1", "--as", "Alice", env=stack.env, check=False)
     assert out.returncode == 1 and "no pending promotion for no-such-model" in out.stdout
     out = fabloop("reject", "no-such-model", "--as", "Alice", env=stack.env, check=False)
     assert out.returncode == 2 and "--comment" in out.stdout + out.stderr

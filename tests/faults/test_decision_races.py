@@ -1,0 +1,222 @@
+"""Decisions under races and restarts: exactly one decision recorded, and the champion matches it.
+
+Real Prefect server, worker, MLflow registry and event store (the session stack).
+Promotions run in the session's launcher process, except where the worker itself is
+the fault: that promotion is a run of the ``promote`` deployment, executed by the
+worker like the ones a retraining starts. After each race, ``fabloop audit --verify``
+must find the model's champion explained by its recorded decisions.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers.faults import outage
+from tests.helpers.prefect_api import flow_run
+from tests.helpers.promotion import (
+    PromotionLauncher,
+    alias,
+    approvals,
+    paused_run,
+    record_intent,
+    register,
+    resume,
+    save_policy,
+    start_deployment_run,
+    tiny_model_uris,
+    unique_model,
+    wait_completed,
+    wait_paused,
+)
+from tests.helpers.stack import RunningStack, fabloop
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+def policy(stack: RunningStack) -> str:
+    return save_policy(unique_model("policy"), ["Alice", "Bob"], timeout_seconds=600, poll_seconds=1)
+
+
+def _model(stack: RunningStack, prefix: str, versions: int = 2) -> tuple[str, list[str]]:
+    """Version 1 is champion (by a recorded decision, so that the audit can explain it); the last is challenger."""
+    model = unique_model(prefix)
+    uris = tiny_model_uris(stack.ep.mlflow_tracking_uri)[:versions]
+    found = register(stack.ep.mlflow_tracking_uri, model, uris, {"challenger": versions - 1})
+    intent = record_intent(stack, model, found[0], "Alice", None, flow_run_id="test-setup")
+    from fabloop.adapters.registry import client, promote_to_champion
+    from fabloop.adapters.store import complete_decision, engine_for, run_sync
+
+    promote_to_champion(client(stack.ep.mlflow_tracking_uri), model, found[0])
+
+    async def complete() -> None:
+        async with engine_for(stack.ep.database_url) as engine:
+            await complete_decision(engine, intent.id, None)
+
+    run_sync(complete())
+    return model, found
+
+
+def _assert_explained(stack: RunningStack, model: str, champion: str) -> None:
+    """The registry's champion is the one the recorded decisions made (what ``fabloop audit --verify`` checks)."""
+    from fabloop.adapters.registry import aliases, client
+    from fabloop.core.approval import verify_aliases
+
+    named = aliases(client(stack.ep.mlflow_tracking_uri), model)
+    verdict = verify_aliases(model, named, approvals(stack, model))
+    assert named.get("champion") == champion and verdict.explained and verdict.note is None, verdict
+
+
+def _final_decisions(stack: RunningStack, model: str, flow_run_id: str) -> list[Any]:
+    return [d for d in approvals(stack, model) if d.flow_run_id == flow_run_id]
+
+
+def test_cli_approve_against_ui_approve_at_the_same_moment(
+    stack: RunningStack, policy: str, launcher: PromotionLauncher
+) -> None:
+    from fabloop.adapters.prefect_api import ResumeRefused, resume_promotion
+
+    model, (v1, v2) = _model(stack, "race-ui")
+    run = launcher.start(model, v2, policy)
+    wait_paused(stack, run)
+    go = threading.Barrier(2)
+    answers: dict[str, Any] = {}
+
+    def cli() -> None:  # what `fabloop approve` sends once it found the run
+        go.wait()
+        try:
+            answers["Alice"] = resume_promotion(run.flow_run_id, "approve", "Alice", "from the terminal")
+        except ResumeRefused as exc:
+            answers["Alice"] = exc
+
+    def ui() -> None:  # what the Resume form posts
+        go.wait()
+        try:
+            answers["Bob"] = resume(stack, run.flow_run_id, {"decision": "approve", "approver": "Bob", "comment": "UI"})
+        except httpx.HTTPStatusError as exc:  # e.g. 503 while the other decision holds the server's database
+            answers["Bob"] = exc
+
+    # The Prefect client reads the stack's API URL from the test's settings context.
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(cli,)), threading.Thread(target=ui)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(answers) == {"Alice", "Bob"}, answers
+    accepted = [who for who, a in answers.items()
+                if (isinstance(a, str)) or (isinstance(a, dict) and a.get("status") == "ACCEPT")]
+    assert len(accepted) == 1, answers
+    assert wait_completed(stack, run)["name"] == "Approved"
+    [decision] = approvals(stack, model)[1:]  # after the setup's own decision
+    assert (decision.decision, decision.approver, decision.version) == ("approved", accepted[0], v2)
+    assert decision.detail["status"] == "completed" and decision.previous_champion == v1
+    assert alias(stack, model, "previous") == v1
+    _assert_explained(stack, model, v2)
+    late = fabloop("approve", model, "--version", v2, "--as", "Alice", env=stack.env, check=False)
+    assert late.returncode == 1 and "no pending promotion" in late.stdout, late.stdout
+
+
+def test_approve_against_supersession(stack: RunningStack, policy: str, launcher: PromotionLauncher) -> None:
+    from fabloop.adapters.prefect_api import ResumeRefused, flow_run_tags, resume_promotion
+
+    model, (v1, v2, v3) = _model(stack, "race-supersede", versions=3)
+    older = launcher.start(model, v2, policy)
+    wait_paused(stack, older)
+    # A newer challenger arrives; the moment it marks the older promotion superseded,
+    # the engineer approves the older one (as `fabloop approve` resumes it), racing the
+    # newer run's own wake-up call to the older one.
+    newer = launcher.start(model, v3, policy)
+    deadline = time.monotonic() + 60
+    while f"superseded-by:{v3}" not in flow_run_tags(older.flow_run_id):
+        assert time.monotonic() < deadline, "the newer promotion never superseded the older one"
+        time.sleep(0.05)
+    try:
+        resume_promotion(older.flow_run_id, "approve", "Alice", "the one I reviewed")
+        sent = True
+    except ResumeRefused:  # the newer run's wake-up came first
+        sent = False
+    state = wait_completed(stack, older)
+    [decision] = _final_decisions(stack, model, older.flow_run_id)
+    assert (state["name"], decision.decision, decision.detail["superseded_by"]) == ("Superseded", "superseded", v3)
+    if sent:  # taken by the server, never acted on: recorded as what the superseded run ignored
+        assert decision.detail["ignored_input"]["approver"] == "Alice", decision.detail
+    else:
+        assert "ignored_input" not in decision.detail, decision.detail
+    _assert_explained(stack, model, v1)
+    # From the command line, approving the version reviewed is refused once it is superseded.
+    wait_paused(stack, newer)
+    out = fabloop("approve", model, "--version", v2, "--as", "Alice", env=stack.env, check=False)
+    assert out.returncode == 1 and f"version {v2} of {model} is not the pending one" in out.stdout, out.stdout
+    assert _final_decisions(stack, model, newer.flow_run_id) == []
+    resume(stack, newer.flow_run_id, {"decision": "reject", "approver": "Bob", "comment": "test over"})
+    assert wait_completed(stack, newer)["name"] == "Rejected"
+    _assert_explained(stack, model, v1)
+
+
+def test_approve_against_timeout(stack: RunningStack, launcher: PromotionLauncher) -> None:
+    from fabloop.adapters.prefect_api import LAST_MOMENT, ResumeRefused, resume_promotion
+
+    model, (v1, v2) = _model(stack, "race-timeout")
+    policy = save_policy(unique_model("policy-4s"), ["Alice"], timeout_seconds=4, poll_seconds=1)
+    run = launcher.start(model, v2, policy)
+    paused = wait_paused(stack, run)
+    # The approval is sent at the last moment a decision is still taken.
+    times_out = datetime.fromisoformat(paused["state"]["state_details"]["pause_timeout"]) - LAST_MOMENT
+    time.sleep(max(0.0, (times_out - datetime.now(UTC)).total_seconds()))
+    try:
+        resume_promotion(run.flow_run_id, "approve", "Alice", "just in time?")
+        accepted = True
+    except ResumeRefused:
+        accepted = False
+    state = wait_completed(stack, run)
+    [decision] = _final_decisions(stack, model, run.flow_run_id)
+    if accepted:  # the server took the decision before the pause expired: it is acted on
+        assert (state["name"], decision.decision, decision.approver) == ("Approved", "approved", "Alice")
+        _assert_explained(stack, model, v2)
+    else:
+        assert (state["name"], decision.decision) == ("TimedOut", "timed_out"), state
+        _assert_explained(stack, model, v1)
+
+
+def test_an_approval_interrupted_before_the_aliases_moved_is_completed_by_the_next_promotion(
+    stack: RunningStack, policy: str, launcher: PromotionLauncher
+) -> None:
+    model, (v1, v2) = _model(stack, "interrupted")
+    intent = record_intent(stack, model, v2, "Alice", v1)
+    # Intended, not completed: the audit accepts either side of the move.
+    assert "intended, not completed" in fabloop("audit", "--verify", model, env=stack.env).stdout
+    run = launcher.start(model, v2, policy)
+    state = wait_completed(stack, run, timeout=90)
+    assert state["name"] == "Approved", state  # without pausing: the decision was already taken
+    [completed] = [d for d in approvals(stack, model) if d.id == intent.id]
+    assert completed.detail["status"] == "completed" and completed.approver == "Alice"
+    assert len(approvals(stack, model)) == 2  # the setup's and this one: nothing recorded twice
+    assert alias(stack, model, "previous") == v1
+    _assert_explained(stack, model, v2)
+
+
+def test_worker_restarted_while_a_promotion_waits(stack: RunningStack, policy: str, deployments: None) -> None:
+    model, (v1, v2) = _model(stack, "worker-restart")
+    first = start_deployment_run(stack, {"model": model, "challenger_version": v2, "policy_block": policy})
+    paused_run(stack, model, v2, timeout=120)
+    with outage(stack, "worker"):
+        pass  # the paused run was a process of the worker: it is gone with it
+    # The engineer approves what they reviewed, as if nothing happened.
+    paused_run(stack, model, v2, timeout=120)  # the orphaned run (still Paused) or its restart
+    out = fabloop("approve", model, "--version", v2, "--as", "Alice", "--wait", "120", env=stack.env)
+    assert f"{model} version {v2}: Approved" in out.stdout, out.stdout
+    crashed = flow_run(stack, first)
+    assert crashed["state_type"] == "CRASHED" and _final_decisions(stack, model, first) == [], crashed["state"]
+    [decision] = approvals(stack, model)[1:]  # after the setup's own decision
+    assert (decision.decision, decision.approver, decision.version) == ("approved", "Alice", v2)
+    again = flow_run(stack, decision.flow_run_id)  # the promotion started again, by the deployment's trigger
+    assert again["state_name"] == "Approved" and again["deployment_id"] == crashed["deployment_id"]
+    assert alias(stack, model, "previous") == v1
+    _assert_explained(stack, model, v2)
