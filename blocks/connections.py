@@ -8,6 +8,7 @@ not a code change.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
@@ -53,10 +54,24 @@ class MLflowServer(Block):
 
     _block_type_name = "fabloop MLflow server"
     _block_type_slug = "fabloop-mlflow-server"
-    _description = "Tracking URI of the MLflow server that holds runs and the model registry."
+    _description = "Tracking URI of the MLflow server that holds runs and the model registry, and fabloop's account."
 
     tracking_uri: str = "http://127.0.0.1:5000"
     experiment_prefix: str = "fabloop"
+    username: str | None = Field(default=None, description="Account fabloop works as (basic auth).")
+    password: SecretStr | None = None
+
+    def login(self) -> str:
+        """Authenticate this process's MLflow clients as the block's account; returns the tracking URI.
+
+        MLflow's clients (and the processes MLflow spawns) read the account from
+        ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, not from an
+        argument. Without a username the environment is left as it is.
+        """
+        if self.username:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = self.username
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = self.password.get_secret_value() if self.password else ""
+        return self.tracking_uri
 
 
 class FabloopDatabase(Block):

@@ -13,6 +13,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 
 from fabloop.blocks import DEFAULT, FabloopDatabase, KafkaConnection, MLflowServer, load_block, policy_defaults
+from fabloop.infra.mlflow_auth import load_secrets
 from fabloop.infra.settings import WORK_POOL_TYPE, StackEndpoints
 
 
@@ -28,6 +29,15 @@ def ensure_work_pool(ep: StackEndpoints) -> None:
         client.create_work_pool(WorkPoolCreate(name=ep.work_pool, type=WORK_POOL_TYPE))
 
 
+def _mlflow_server(ep: StackEndpoints) -> MLflowServer:
+    """The MLflow block: for the embedded server, as its service account (fabloop.infra.mlflow_auth)."""
+    if not ep.embedded_mlflow:
+        return MLflowServer(tracking_uri=ep.mlflow_tracking_uri)
+    creds = load_secrets(ep.home)
+    return MLflowServer(tracking_uri=ep.mlflow_tracking_uri, username=creds.service_username,
+                        password=creds.service_password)
+
+
 def register_blocks(ep: StackEndpoints) -> None:
     """Register fabloop's block types and save ``default`` documents for this stack.
 
@@ -37,7 +47,7 @@ def register_blocks(ep: StackEndpoints) -> None:
     """
     connections: list[Block] = [
         KafkaConnection(bootstrap_servers=ep.kafka_bootstrap_servers),
-        MLflowServer(tracking_uri=ep.mlflow_tracking_uri),
+        _mlflow_server(ep),
         FabloopDatabase(url=SecretStr(ep.database_url)),
     ]
     with prefect_api(ep):
@@ -50,7 +60,10 @@ def register_blocks(ep: StackEndpoints) -> None:
             except ValueError:
                 block.save(DEFAULT)
                 continue
-            address = {k: getattr(block, k) for k in ("bootstrap_servers", "tracking_uri", "url") if hasattr(block, k)}
+            # The embedded MLflow's service account belongs to the stack home like its address.
+            account = ("username", "password") if ep.embedded_mlflow else ()
+            follow = ("bootstrap_servers", "tracking_uri", "url", *account)
+            address = {k: getattr(block, k) for k in follow if hasattr(block, k)}
             if any(getattr(saved, k) != v for k, v in address.items()):
                 saved.model_copy(update=address).save(DEFAULT, overwrite=True)
         for block in policy_defaults():

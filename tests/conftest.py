@@ -22,9 +22,11 @@ import pytest
 
 from fabloop.adapters.kafka import broker_healthy, ensure_topics
 from fabloop.core.schemas import TOPICS
+from fabloop.infra.mlflow_auth import client_env
 from fabloop.infra.process import ProcessManager, free_port, wait_until
 from fabloop.infra.stack import broker_command
 from tests.helpers import mainjob
+from tests.helpers.drift import WINDOW_TRIGGER, set_automation
 from tests.helpers.promotion import PromotionLauncher, session_launcher
 from tests.helpers.stack import Broker, RunningStack, fabloop, start_stack
 
@@ -53,11 +55,38 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     home = tmp_path_factory.mktemp("fabloop-home")
     running = start_stack(home)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: running.ep.prefect_api_url}):
-        yield running
+    from fabloop.infra.settings import CLIENT_MAX_RETRIES
+
+    # The embedded MLflow refuses anonymous requests: the tests' MLflow clients (and
+    # the processes they start) work as the stack's service account, as fabloop does.
+    account = client_env(running.ep)
+    before = {name: os.environ.get(name) for name in account}
+    os.environ.update(account)
+    try:
+        # The test process is a client of the stack like any other (its in-process flows too).
+        client = {PREFECT_API_URL: running.ep.prefect_api_url, PREFECT_CLIENT_MAX_RETRIES: CLIENT_MAX_RETRIES}
+        with temporary_settings(updates=client):
+            yield running
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     fabloop("down", env=running.env, check=False)
+
+
+@pytest.fixture(scope="session")
+def deployments(stack: RunningStack) -> None:
+    """prefect.yaml applied to the session's stack, once (``fabloop deploy`` costs tens of seconds).
+
+    Its window trigger is then switched off: a test that wants closed windows checked by
+    the deployment switches it on for its own span (``tests.helpers.drift.window_trigger``).
+    """
+    fabloop("deploy", env=stack.env)
+    set_automation(stack, WINDOW_TRIGGER, enabled=False)
 
 
 @pytest.fixture

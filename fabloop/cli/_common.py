@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fabloop.infra.mlflow_auth import client_env
 from fabloop.infra.settings import StackEndpoints, StackSettings, prefect_env
 
 console = Console()
@@ -43,9 +44,11 @@ def load_endpoints(home: Path | None) -> StackEndpoints:
 
 
 def connect(home: Path | None) -> StackEndpoints:
-    """Point this process's Prefect client at the stack before anything imports Prefect."""
+    """Point this process's Prefect client at the stack before anything imports Prefect,
+    and its MLflow clients at the stack's service account."""
     ep = load_endpoints(home)
     os.environ.update(prefect_env(ep))
+    os.environ.update(client_env(ep))
     return ep
 
 

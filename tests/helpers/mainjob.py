@@ -32,7 +32,7 @@ from fabloop.adapters.store import ApprovalRow, DriftCheckRow
 from fabloop.infra.process import free_port
 from fabloop.infra.settings import StackEndpoints
 from tests.helpers.ingest import query
-from tests.helpers.stack import REPO, fabloop, stack_processes
+from tests.helpers.stack import REPO, fabloop, registry_alias, stack_processes
 
 E2E_DIR = Path(__file__).resolve().parents[1] / "e2e"
 APPROVER = "alice"
@@ -140,21 +140,18 @@ class BackgroundMainJob:
             self._done.set()
 
     def _read_outcome(self) -> None:
-        from mlflow import MlflowClient  # not registry.client(): that also sets this process's tracking URI
-
-        from fabloop.adapters.registry import alias_version
         from fabloop.core.names import CHAMPION, PREVIOUS
 
         rec = self.record
         ep = StackEndpoints.load(self.home)
         rec.result = result = json.loads((ep.home / "mainjob-result.json").read_text())
         model = result["model"]
-        client = MlflowClient(ep.mlflow_tracking_uri)
-        champion, previous = (alias_version(client, model, alias) for alias in (CHAMPION, PREVIOUS))
+        # As the job's own service account (not the session stack's, which this process's env holds).
+        champion, previous = (registry_alias(ep, model, alias) for alias in (CHAMPION, PREVIOUS))
         if champion is None:
             raise AssertionError(f"{model} has no champion after the main job")
-        rec.registry = Registry(champion.version, previous.version if previous else None, dict(champion.tags))
-        check_id = int(champion.tags.get("fabloop.drift_check_id", "-1"))
+        rec.registry = Registry(champion[0], previous[0] if previous else None, champion[1])
+        check_id = int(champion[1].get("fabloop.drift_check_id", "-1"))
         rows = query(ep.database_url, select(DriftCheckRow).where(DriftCheckRow.id == check_id))
         rec.check = rows[0] if rows else None
         rec.approvals = query(ep.database_url, select(ApprovalRow).where(ApprovalRow.model == model))

@@ -9,8 +9,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 
+from fabloop.infra.mlflow_auth import client_env, load_secrets
 from fabloop.infra.process import free_port
 from fabloop.infra.settings import StackEndpoints, prefect_env
 
@@ -42,6 +44,12 @@ class RunningStack:
     def kafka_conf(self) -> dict[str, str]:
         return {"bootstrap.servers": self.ep.kafka_bootstrap_servers}
 
+    @property
+    def mlflow_account(self) -> tuple[str, str]:
+        """The service account (username, password), for plain HTTP to the stack's MLflow (links, artifacts)."""
+        creds = load_secrets(self.ep.home)
+        return creds.service_username, creds.service_password.get_secret_value()
+
 
 def start_stack(home: Path, partitions: int = 3) -> RunningStack:
     env = {"FABLOOP_HOME": str(home)}
@@ -53,7 +61,31 @@ def start_stack(home: Path, partitions: int = 3) -> RunningStack:
     out = fabloop(*args, env=env, timeout=240)
     elapsed = time.monotonic() - t0
     ep = StackEndpoints.load(home)
-    return RunningStack(ep=ep, env={**env, **prefect_env(ep)}, up_seconds=elapsed, up_output=out.stdout)
+    # MLflow's clients in the tests (and what they start) work as the stack's service account.
+    return RunningStack(ep=ep, env={**env, **prefect_env(ep), **client_env(ep)}, up_seconds=elapsed,
+                        up_output=out.stdout)
+
+
+def registry_alias(ep: StackEndpoints, model: str, alias: str) -> tuple[str, dict[str, str]] | None:
+    """The version ``alias`` names and its tags, read as the stack's service account; None if unset.
+
+    Plain REST with the account given per request: MLflow's client takes its account
+    from the process environment, which belongs to the session's stack, not this one.
+    """
+    creds = load_secrets(ep.home)
+    with httpx.Client(base_url=f"{ep.mlflow_tracking_uri.rstrip('/')}/api/2.0/mlflow", timeout=30,
+                      auth=(creds.service_username, creds.service_password.get_secret_value())) as http:
+        resp = http.get("/registered-models/get", params={"name": model})
+        if resp.status_code == 404:
+            return None
+        resp.raise_for_status()
+        named = {a["alias"]: a["version"] for a in resp.json()["registered_model"].get("aliases", [])}
+        if alias not in named:
+            return None
+        resp = http.get("/model-versions/get", params={"name": model, "version": named[alias]})
+        resp.raise_for_status()
+        mv = resp.json()["model_version"]
+    return str(mv["version"]), {t["key"]: t["value"] for t in mv.get("tags", [])}
 
 
 @dataclass
