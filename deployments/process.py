@@ -11,7 +11,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+from prefect.events.schemas.events import ResourceSpecification
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from fabloop.infra.settings import WORK_POOL, WORK_POOL_TYPE, StackEndpoints, prefect_env
 from fabloop.infra.stack import PROJECT_DIR, executable
@@ -44,4 +52,50 @@ def deploy(ep: StackEndpoints, timeout: float = 300) -> str:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"prefect deploy failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    ensure_silent_ingest_automation(ep)
     return proc.stdout
+
+
+SILENT_INGEST_AUTOMATION = "crash silent ingest runs"
+SILENT_AFTER = timedelta(seconds=90)
+"""Three missed heartbeats of an ingest run (prefect.yaml: it beats every 30 s)."""
+
+
+def silent_ingest_automation() -> AutomationCore:
+    """Prefect's documented zombie-run automation, for ingest runs (tag ``ingest``) only.
+
+    After each heartbeat of an ingest run, another heartbeat or a final state is
+    expected within ``SILENT_AFTER``; otherwise the run is marked Crashed, and the
+    ingest deployment's own trigger on Crashed starts a new run. A paused promotion
+    beats no heartbeat and is not matched. ``prefect.yaml`` cannot hold it: a
+    deployment trigger can only run its deployment.
+    """
+    return AutomationCore(
+        name=SILENT_INGEST_AUTOMATION,
+        description="An ingest run silent for 90 s (its process died with the worker) is marked Crashed, "
+                    "and the ingest deployment's trigger starts it again.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.id": "prefect.tag.ingest",
+                                                 "prefect.resource.role": "tag"}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=SILENT_AFTER,
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message="ingest run silent: no heartbeat for 90 s")],
+    )
+
+
+def ensure_silent_ingest_automation(ep: StackEndpoints) -> None:
+    """Create the automation, or bring an existing one of that name up to date."""
+    wanted = silent_ingest_automation()
+    with temporary_settings(updates={PREFECT_API_URL: ep.prefect_api_url}), get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(SILENT_INGEST_AUTOMATION)
+        if existing:
+            client.update_automation(existing[0].id, wanted)
+        else:
+            client.create_automation(wanted)
