@@ -41,6 +41,7 @@ from tests.helpers import faults
 from tests.helpers import prefect_api as pa
 from tests.helpers.retrain import mlflow_client, save_retrain_policy, start_broker
 from tests.helpers.stack import RunningStack
+from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -94,7 +95,7 @@ def killed(stack: RunningStack, model: Model, deployments: None) -> Iterator[Kil
         return bool(status and status.state == "RUNNING" and status.heartbeat_interval
                     and status.heartbeat_interval < timedelta(seconds=60))
 
-    _wait("the retraining running with heartbeats", beating, timeout=150)
+    wait_for("the retraining running with heartbeats", beating, timeout=150, interval=3)
     pids = faults.kill(stack, "worker")
     assert pa.flow_run(stack, run_id)["state_type"] == "RUNNING"  # nobody told Prefect
     faults.restart(stack)
@@ -181,7 +182,7 @@ def test_worker_killed_during_a_retraining_does_not_block_the_next_breach(
     def reconciled() -> bool:
         return killed.trigger_id in store.run_sync(_reconcile(stack, model.name))
 
-    _wait("the dead retraining's trigger closed", reconciled, timeout=150, interval=5)
+    wait_for("the dead retraining's trigger closed", reconciled, timeout=150, interval=5)
     [trigger] = [t for t in ds.triggers(stack.ep.database_url, [model.name]) if t.id == killed.trigger_id]
     assert trigger.outcome == "crashed" and trigger.finished_at is not None
     assert pa.flow_run(stack, killed.flow_run_id)["state_type"] == "CRASHED"
@@ -190,8 +191,8 @@ def test_worker_killed_during_a_retraining_does_not_block_the_next_breach(
     assert second.started, f"the next breach was suppressed: {second.reason} (killed pids {killed.pids})"
     # And the retraining it starts runs: the dead run's concurrency slot was released.
     next_run = _start_retrain(stack, model.name, second.trigger_id, save_retrain_policy(n_trials=500, timeout_s=600))
-    _wait("the next retraining running", lambda: pa.flow_run(stack, next_run)["state_type"] == "RUNNING",
-          timeout=120)
+    wait_for("the next retraining running", lambda: pa.flow_run(stack, next_run)["state_type"] == "RUNNING",
+             timeout=120, interval=3)
 
 
 def _decide(stack: RunningStack, model: str) -> store.TriggerDecision:
@@ -219,15 +220,6 @@ def _start_retrain(stack: RunningStack, model: str, trigger_id: int, policy: str
 async def _attach(stack: RunningStack, trigger_id: int, flow_run_id: str) -> None:
     async with store.engine_for(stack.ep.database_url) as engine:
         await store.attach_flow_run(engine, trigger_id, flow_run_id)
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 3) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what} not within {timeout:.0f}s")
 
 
 async def _reconcile(stack: RunningStack, model: str) -> dict[int, str]:

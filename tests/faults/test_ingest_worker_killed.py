@@ -9,7 +9,6 @@ touches the runs: only the worker is killed and started again.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -22,17 +21,9 @@ from fabloop.deployments.process import SILENT_INGEST_AUTOMATION
 from tests.helpers import faults
 from tests.helpers import prefect_api as pa
 from tests.helpers.stack import RunningStack
+from tests.helpers.waiting import wait_for as _wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _wait(what: str, check: object, timeout: float, interval: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout:.0f}s")
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from tests.helpers import faults
 from tests.helpers import prefect_api as pa
 from tests.helpers.ingest import query
 from tests.helpers.stack import Broker, RunningStack
+from tests.helpers.waiting import wait_for as _wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -97,15 +98,6 @@ class IngestThread:
 def _windows(db: str, model: str) -> list[Any]:
     return query(db, select(WindowRow.id, WindowRow.status, WindowRow.announced, WindowRow.announced_at)
                  .where(WindowRow.model == model).order_by(WindowRow.id))
-
-
-def _wait(what: str, check: Any, timeout: float, interval: float = 2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what} not within {timeout:.0f}s")
 
 
 def test_prefect_down_for_a_minute_while_windows_close_then_every_window_is_checked_once(
