@@ -6,7 +6,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-import httpx
+from prefect.client.base import PrefectHttpxSyncClient
 
 from tests.helpers.stack import RunningStack
 
@@ -14,8 +14,14 @@ FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def api(stack: RunningStack, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    resp = httpx.request(method, f"{stack.ep.prefect_api_url}{path}", json=body, timeout=20)
-    resp.raise_for_status()
+    """One call to the stack's Prefect API through Prefect's own HTTP client.
+
+    The embedded server answers 503 while its SQLite database is locked by another
+    write; like every Prefect client of the stack, the tests retry that
+    (``PREFECT_CLIENT_MAX_RETRIES``, with back-off) instead of failing on it.
+    """
+    with PrefectHttpxSyncClient(base_url=stack.ep.prefect_api_url, timeout=20) as client:
+        resp = client.request(method, path, json=body)
     return resp.json() if resp.content else None
 
 

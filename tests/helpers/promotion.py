@@ -22,9 +22,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
+from tests.helpers import prefect_api
 from tests.helpers.prefect_api import FINAL, wait_final
 from tests.helpers.stack import REPO, RunningStack
 
@@ -176,11 +176,9 @@ def session_launcher(stack: RunningStack, request: pytest.FixtureRequest) -> Pro
     return running
 
 
-def _runs(api: str, model: str) -> list[dict[str, Any]]:
+def _runs(stack: RunningStack, model: str) -> list[dict[str, Any]]:
     body = {"flow_runs": {"tags": {"all_": ["fabloop.promotion", f"model:{model}"]}}, "sort": "START_TIME_DESC"}
-    resp = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10)
-    resp.raise_for_status()
-    return resp.json()
+    return prefect_api.api(stack, "POST", "/flow_runs/filter", body)
 
 
 def wait_paused(
@@ -189,7 +187,7 @@ def wait_paused(
     """Block until ``run`` is paused (in a new pause if ``after_state`` names the previous one)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for fr in _runs(stack.ep.prefect_api_url, run.model):
+        for fr in _runs(stack, run.model):
             if str(fr["parameters"].get("challenger_version")) != run.version:
                 continue
             run.flow_run_id = fr["id"]
@@ -208,7 +206,7 @@ def wait_completed(stack: RunningStack, run: PromotionRun, timeout: float = 60) 
     """The run's final state (Completed, named after the outcome)."""
     deadline = time.monotonic() + 30
     while not run.flow_run_id:  # a run that ends without pausing: find it by its challenger
-        found = [fr for fr in _runs(stack.ep.prefect_api_url, run.model)
+        found = [fr for fr in _runs(stack, run.model)
                  if str(fr["parameters"].get("challenger_version")) == run.version]
         if found:
             run.flow_run_id = found[0]["id"]
@@ -227,11 +225,7 @@ def wait_completed(stack: RunningStack, run: PromotionRun, timeout: float = 60) 
 
 def resume(stack: RunningStack, flow_run_id: str, run_input: dict[str, Any]) -> dict[str, Any]:
     """What the Prefect UI's Resume form posts."""
-    resp = httpx.post(
-        f"{stack.ep.prefect_api_url}/flow_runs/{flow_run_id}/resume", json={"run_input": run_input}, timeout=10
-    )
-    resp.raise_for_status()
-    return resp.json()
+    return prefect_api.api(stack, "POST", f"/flow_runs/{flow_run_id}/resume", {"run_input": run_input})
 
 
 def events(
@@ -248,9 +242,7 @@ def events(
     }
     deadline = time.monotonic() + timeout
     while True:
-        resp = httpx.post(f"{stack.ep.prefect_api_url}/events/filter", json=body, timeout=10)
-        resp.raise_for_status()
-        found = resp.json()["events"]
+        found = prefect_api.api(stack, "POST", "/events/filter", body)["events"]
         if len(found) >= expect or time.monotonic() > deadline:
             return found
         time.sleep(0.5)

@@ -17,7 +17,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import func, select
@@ -28,6 +27,7 @@ from fabloop.adapters.store import DeadLetterRow, IngestBatchRow, WindowRow, Win
 from fabloop.core.schemas import DEADLETTER_TOPIC, SENSOR_TOPIC, TEST_TOPIC, SensorReading
 from fabloop.core.scopes import ModelCatalogValue
 from tests.helpers.ingest import finish, query, sim, start_ingest, stored_ids, wait_for_rows
+from tests.helpers.prefect_api import api
 from tests.helpers.stack import Broker, RunningStack
 
 pytestmark = pytest.mark.integration
@@ -247,14 +247,9 @@ def test_closed_windows_are_announced_once_each_in_prefects_event_feed(
     deadline = time.monotonic() + 30
     feed: list[dict[str, Any]] = []
     while time.monotonic() < deadline and len(feed) < len(expected):
-        resp = httpx.post(
-            f"{stack.ep.prefect_api_url}/events/filter",
-            json={"filter": {"event": {"name": ["fabloop.window.closed"]},
-                             "any_resource": {"id_prefix": [f"fabloop.model.{prefix}-"]}}, "limit": 50},
-            timeout=10,
-        )
-        resp.raise_for_status()
-        feed = resp.json()["events"]
+        feed = api(stack, "POST", "/events/filter",
+                   {"filter": {"event": {"name": ["fabloop.window.closed"]},
+                               "any_resource": {"id_prefix": [f"fabloop.model.{prefix}-"]}}, "limit": 50})["events"]
         time.sleep(1)
     assert len(feed) == len(expected), "one event per closed window, never one per message"
     for ev in feed:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-import httpx
 import pytest
 
-from tests.helpers.prefect_api import flow_run
+from tests.helpers.prefect_api import api, flow_run
 from tests.helpers.promotion import (
     PromotionLauncher,
     alias,
@@ -56,15 +55,13 @@ def test_approve_from_the_cli_promotes_and_audits(
     run = launcher.start(model, v2, policy)
     wait_paused(stack, run)
     # The decision page: artifact and form description carry the metrics table and links.
-    arts = httpx.post(f"{stack.ep.prefect_api_url}/artifacts/filter",
-                      json={"artifacts": {"flow_run_id": {"any_": [run.flow_run_id]}}}, timeout=10).json()
+    arts = api(stack, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run.flow_run_id]}}})
     page = arts[0]["data"]
     assert f"| metric | champion v{v1} | challenger v{v2} | change |" in page
     assert "| roc_auc | 0.8123 | 0.8617 | +0.0494 |" in page
     assert f"{stack.ep.mlflow_tracking_uri}/#/models/{model}/versions/{v2}" in page
     assert "#/experiments/" in page and "http://127.0.0.1:1/reports/drift-42.html" in page
-    form = httpx.get(f"{stack.ep.prefect_api_url}/flow_runs/{run.flow_run_id}/input/paused-1-description",
-                     timeout=10).json()
+    form = api(stack, "GET", f"/flow_runs/{run.flow_run_id}/input/paused-1-description")
     assert form == page
 
     listing = fabloop("approvals", env=stack.env).stdout
