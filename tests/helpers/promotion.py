@@ -277,7 +277,7 @@ def paused_run(stack: RunningStack, model: str, version: str, timeout: float = 9
     deadline = time.monotonic() + timeout
     seen: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        for fr in _runs(stack.ep.prefect_api_url, model):
+        for fr in _runs(stack, model):
             if str(fr["parameters"].get("challenger_version")) != version or fr["id"] in skip:
                 continue
             seen[fr["id"]] = (fr["state"] or {}).get("name")
