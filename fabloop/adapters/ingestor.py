@@ -6,7 +6,9 @@ The order of a batch is what makes it safe:
    the reason, source topic, partition and offset in headers, and flushed;
 2. one database transaction stores the good events (idempotent on event id),
    records the dead letters, adds new sensor readings to their model windows and
-   closes the windows that are full;
+   closes the windows that are full (windows are cut in event time: a reading older
+   than its scope's last closed window is stored, kept out of every window and
+   logged as late, see ``WindowBook``);
 3. only then are the offsets committed — and only once the transaction is on disk
    (PostgreSQL: at commit; SQLite: after the next WAL checkpoint, about once a
    second); a crash anywhere before that replays the batch, which changes nothing
@@ -44,7 +46,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fabloop.adapters.kafka import CLIENT_LOG
-from fabloop.adapters.store import ClosedWindow, IngestStore, utcnow
+from fabloop.adapters.store import ClosedWindow, IngestStore, LateReading, utcnow
 from fabloop.core.schemas import (
     DEADLETTER_TOPIC,
     SENSOR_TOPIC,
@@ -122,6 +124,7 @@ class BatchStats:
     duplicates: int = 0
     dead_lettered: int = 0
     windows_closed: int = 0
+    late: int = 0  # stored readings older than their scope's last closed window: in no window
     lag: int | None = None
     reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -131,6 +134,7 @@ class BatchStats:
         self.duplicates += other.duplicates
         self.dead_lettered += other.dead_lettered
         self.windows_closed += other.windows_closed
+        self.late += other.late
         self.lag = other.lag
         for k, v in other.reasons.items():
             self.reasons[k] += v
@@ -140,7 +144,8 @@ class BatchStats:
         return (
             f"events in {self.consumed}, stored {self.stored}, duplicates {self.duplicates}, "
             f"dead-lettered {self.dead_lettered}{f' ({reasons})' if reasons else ''}, "
-            f"windows closed {self.windows_closed}, lag {self.lag if self.lag is not None else '?'}"
+            f"windows closed {self.windows_closed}{f', late readings {self.late}' if self.late else ''}, "
+            f"lag {self.lag if self.lag is not None else '?'}"
         )
 
 
@@ -167,6 +172,18 @@ def classify(msg: Message, max_bytes: int) -> SensorReading | TestResult | DeadL
     if msg.topic() != expected:
         return DeadLetter(msg, "wrong_topic", f"a {event.kind} event belongs on {expected}, not {msg.topic()}")
     return event
+
+
+def _log_late(late: list[LateReading]) -> None:
+    """Late readings are stored but judged in no window (see ``WindowBook``): say which, per scope."""
+    by_model: dict[str, list[LateReading]] = defaultdict(list)
+    for r in late:
+        by_model[r.model].append(r)
+    for model, rows in by_model.items():
+        oldest = min(r.ts for r in rows)
+        log.warning("%d late reading(s) of %s (oldest %s, e.g. %s) are older than its last closed window's end "
+                    "%s: stored, left out of every window", len(rows), model, f"{oldest:%Y-%m-%d %H:%M:%S}",
+                    rows[0].event_id, f"{rows[0].closed_until:%Y-%m-%d %H:%M:%S}")
 
 
 class Stopped(Exception):
@@ -345,6 +362,7 @@ class Ingestor:
             closed_windows = await batch.add_to_windows(_first_of_each(sensors, new_sensor_ids))
             stored = len(new_sensor_ids) + len(new_test_ids)
             if stats is not None:
+                stats.late = len(batch.late)
                 # Assigned, not added: a retried transaction must not count twice.
                 stats.stored = stored_before + stored
                 stats.dead_lettered = len(dead)
@@ -356,6 +374,8 @@ class Ingestor:
                     duplicates=stats.duplicates, dead_lettered=stats.dead_lettered,
                     windows_closed=stats.windows_closed, lag=stats.lag,
                 )
+        if batch.late:  # committed: said once, not per retried transaction
+            _log_late(batch.late)
         return stored, closed_windows
 
     async def _isolate(

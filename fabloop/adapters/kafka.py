@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult
+from fabloop.core.scopes import ScopeField
 
 MAX_MESSAGE_BYTES = 1_000_000
 
@@ -83,13 +84,37 @@ class PublishStats:
     failed: int = 0
 
 
+# What a sensor reading is keyed by: a model scope is a tool or finer (tool, chamber,
+# recipe on a tool) in the default catalog, so keying by the tool keeps every such
+# scope's readings in one partition, in the order they were produced.
+SCOPE_KEY_FIELDS: tuple[ScopeField, ...] = ("fab", "tool")
+
+
+def partition_key(event: SensorReading | TestResult, scope_fields: Sequence[ScopeField] = SCOPE_KEY_FIELDS) -> bytes:
+    """The Kafka key of an event: a sensor reading's scope, a test result's wafer.
+
+    Windows are cut per scope in event time (``fabloop.adapters.store.WindowBook``). Kafka
+    keeps order only within a partition, so readings keyed by wafer (spread over every
+    partition) reached the store interleaved, and a reading older than its scope's last
+    closed window can only be set aside as late. Keyed by their scope, a scope's readings
+    arrive in the order the tool produced them and none is late. A test result joins its
+    wafer by id whatever its partition: its key only spreads the load.
+    """
+    if isinstance(event, SensorReading):
+        return "/".join(str(getattr(event, f)) for f in scope_fields).encode()
+    return event.wafer.encode()
+
+
 def publish_events(
     producer: Producer,
     events: Iterable[SensorReading | TestResult],
     on_event: Callable[[SensorReading | TestResult], None] | None = None,
+    scope_fields: Sequence[ScopeField] = SCOPE_KEY_FIELDS,
 ) -> PublishStats:
-    """Publish events keyed by wafer (one wafer's events stay in order), then flush.
+    """Publish events keyed by :func:`partition_key` (a scope's readings stay in order), then flush.
 
+    ``scope_fields``: the fields every model scope of the catalog includes (a catalog
+    scoping models by recipe alone across tools would key by ``("fab",)``).
     Delivery failures are counted, never ignored: a caller that needs every event
     raises on ``failed > 0``.
     """
@@ -104,7 +129,8 @@ def publish_events(
     for event in events:
         while True:
             try:
-                producer.produce(topic_for(event), event.to_json(), key=event.wafer.encode(), on_delivery=delivered)
+                producer.produce(topic_for(event), event.to_json(), key=partition_key(event, scope_fields),
+                                 on_delivery=delivered)
                 break
             except BufferError:
                 producer.poll(0.1)

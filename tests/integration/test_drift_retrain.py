@@ -128,6 +128,10 @@ E2E_SEED, E2E_WINDOWS = 4189, (1, 2, 1)
 # breached on an AUC "drop" of 0.12 (0.847 vs 0.966) and retrained its model. These
 # stay well above the noise; the injected shift is far beyond them.
 QUIET_TOLERANCES = {"roc_auc_drop_tolerance": 0.2, "fail_rate_tolerance": 0.1}
+# Cooldowns count event time too: the drifting tool's two stream windows are ~15 h of
+# wafers apart, so with the default hour the second window's check, if it runs after the
+# retraining ended, would rightly start another one. A week keeps the stream one episode.
+EPISODE_COOLDOWN_MINUTES = 7 * 24 * 60
 
 
 @pytest.mark.slow
@@ -163,7 +167,7 @@ def test_mean_shift_on_one_tool_retrains_that_model_once_as_a_child_of_its_drift
     setup_windows = ds.ingest_quietly(broker.bootstrap, db, ModelCatalogValue(), _kafka_group())
     assert Counter(w.model for w in setup_windows) == {m: 2 for m in models}
     champions = {m: ds.train_champion(tracking_uri, m, retrain_policy) for m in models}
-    ds.set_model_overrides({m: QUIET_TOLERANCES for m in models})
+    ds.set_model_overrides({m: {**QUIET_TOLERANCES, "cooldown_minutes": EPISODE_COOLDOWN_MINUTES} for m in models})
 
     # The stream: real ingest announces each closed window; Prefect does the rest.
     since = datetime.now(UTC)
@@ -279,7 +283,10 @@ def test_a_storm_of_50_breaching_windows_starts_one_retraining_and_records_49_su
     ds.train_champion(tracking_uri, model, retrain_policy)
 
     policy_block = f"storm-{tool.lower()}"
-    DriftPolicyBlock(policy=DriftPolicy(min_window_rows=STORM_WINDOW_WAFERS)).save(policy_block, overwrite=True)
+    # The storm's 50 windows span ~25 h of wafers: a cooldown of a week (event time counts
+    # too) keeps the checks that run after the retraining ended in its episode.
+    DriftPolicyBlock(policy=DriftPolicy(min_window_rows=STORM_WINDOW_WAFERS,
+                                        cooldown_minutes=EPISODE_COOLDOWN_MINUTES)).save(policy_block, overwrite=True)
     since = datetime.now(UTC)
     # All 50 checks at once, as a burst of window events would run them.
     # Each thread runs in a copy of this context, which points Prefect at the stack's API.

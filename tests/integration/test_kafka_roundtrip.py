@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fabloop.adapters.kafka import make_producer, publish_events, read_topic
+from fabloop.adapters.kafka import make_producer, partition_key, publish_events, read_topic
 from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult, parse_event
 from fabloop.core.simulate import SimulationConfig, simulate
 from tests.helpers.stack import Broker
@@ -24,7 +24,7 @@ def test_10000_simulated_events_round_trip(broker: Broker) -> None:
         for msg in read_topic(broker.conf, topic, expected=5000, idle_timeout=20):
             event = parse_event(msg.value())  # raises if anything on the wire is invalid
             assert isinstance(event, kind)
-            assert msg.key().decode() == event.wafer
+            assert msg.key() == partition_key(event)  # a reading by its scope (fab/tool), a result by its wafer
             received[event.event_id] = event
     assert received.keys() == sent.keys()
     assert all(received[k] == sent[k] for k in sent)  # byte-for-byte the same events

@@ -114,6 +114,7 @@ def loop(stack: RunningStack, deployments: None) -> Iterator[Loop]:
         finally:
             # Window events of other modules' private stores must not start checks here.
             ds.set_automation(stack, ds.WINDOW_TRIGGER, enabled=False)
+            ds.set_model_overrides({m: None for m in state.models})
             policy = ApprovalPolicy.load(DEFAULT)
             policy.approvers = approvers_before
             policy.save(DEFAULT, overwrite=True)
@@ -203,6 +204,9 @@ def _timeline(loop: Loop, t0: datetime) -> str:
 # --------------------------------------------------------------------------- the test
 
 
+HISTORY_COOLDOWN_MINUTES = 120 * 24 * 60
+
+
 def test_replay_of_a_secom_shaped_history_leads_through_the_loop_to_a_drift_triggered_retraining(
     stack: RunningStack, broker: Broker, loop: Loop, tmp_path: Path
 ) -> None:
@@ -220,6 +224,10 @@ def test_replay_of_a_secom_shaped_history_leads_through_the_loop_to_a_drift_trig
     tool = f"SECOM{uuid.uuid4().hex[:6].upper()}"
     model = f"yield-{tool}"
     loop.models.append(model)
+    # Cooldowns count event time too: the replayed drift windows are ~11 days of wafers
+    # apart, so a check that ran after the drift retraining ended would rightly start
+    # another. A cooldown longer than the history keeps the drifted export one episode.
+    ds.set_model_overrides({model: {"cooldown_minutes": HISTORY_COOLDOWN_MINUTES}})
     frame = secom_table(SHAPE)
     assert frame.shape == (1567, 592)  # Time, 590 sensors, Pass/Fail
     first_day = datetime.strptime(frame[TIME_COL].iloc[0], "%d/%m/%Y %H:%M:%S")

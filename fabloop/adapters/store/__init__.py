@@ -28,7 +28,7 @@ from fabloop.adapters.store._frames import (
     window_frame,
     window_offsets,
 )
-from fabloop.adapters.store._ingest import BatchWriter, ClosedWindow, IngestStore, WindowBook
+from fabloop.adapters.store._ingest import BatchWriter, ClosedWindow, IngestStore, LateReading, WindowBook
 from fabloop.adapters.store._migrate import current_revision, migrate, schema_drift
 from fabloop.adapters.store._schema import (
     ApprovalRow,
@@ -56,7 +56,8 @@ from fabloop.adapters.store._triggers import (
 __all__ = [
     "CLAIMED", "Claim", "ClaimLost", "WindowNotClosed", "claim_window", "take_over_claim",
     "LABEL", "META", "ApprovalRow", "Base", "BatchWriter", "ClosedWindow", "DeadLetterRow", "DriftCheckRow",
-    "FeatureDriftRow", "IngestBatchRow", "IngestStore", "LoopSummary", "RetrainTriggerRow", "SensorReadingRow",
+    "FeatureDriftRow", "IngestBatchRow", "IngestStore", "LateReading", "LoopSummary", "RetrainTriggerRow",
+    "SensorReadingRow",
     "TestResultRow", "TriggerDecision", "WindowBook", "WindowRow", "WindowWaferRow", "already_checked",
     "attach_flow_run", "complete_decision",
     "current_revision", "decide_retrain", "decisions", "engine_for", "finish_trigger",

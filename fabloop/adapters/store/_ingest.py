@@ -13,11 +13,11 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, cast
 
 from asyncpg.exceptions import InterfaceError as PgClientError
-from sqlalchemy import Table, insert, select, text, update
+from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -73,6 +73,10 @@ class ClosedWindow:
     ts_end: datetime | None
     offsets: dict[str, Any]
     close_reason: str
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def _dialect(session: AsyncSession) -> str:
@@ -207,8 +211,34 @@ async def _lock_windows(session: AsyncSession) -> None:
         await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WINDOW_LOCK_ID})
 
 
+@dataclass(frozen=True)
+class LateReading:
+    """A stored reading older than the end of its scope's last closed window: in no window."""
+
+    model: str
+    event_id: str
+    ts: datetime
+    closed_until: datetime
+
+
 class WindowBook:
-    """Adds stored sensor readings to their scopes' open windows and closes full ones."""
+    """Adds stored sensor readings to their scopes' open windows and closes full ones.
+
+    Windows are cut in event time: a scope's windows never overlap. A reading is added
+    to its scope's open window only if it is no older than the end (``ts_end``) of the
+    scope's last closed window; within a batch a scope's readings are taken oldest
+    first. A reading older than that is *late*: the window it belongs to was already
+    judged, and putting it into the open window would make that window reach back over
+    the closed one. It stays stored (the training sets read the store by scope, not by
+    window), is left out of every window, and is logged and counted as late in the
+    batch record's log line (``BatchWriter.late``); a late reading is exactly one of
+    its scope's readings without a window membership.
+
+    Late readings are rare by construction: the producer keys readings by their scope
+    (``fabloop.adapters.kafka.partition_key``), so a scope's readings arrive in the
+    order they were produced. They happen when a tool's buffered readings arrive after
+    newer ones, or when a catalog scopes models across the producer's key.
+    """
 
     def __init__(self, catalog: ModelCatalogValue) -> None:
         self.catalog = catalog
@@ -220,8 +250,11 @@ class WindowBook:
         return None
 
     async def add(
-        self, session: AsyncSession, readings: Sequence[tuple[SourceMessage, SensorReading]]
+        self, session: AsyncSession, readings: Sequence[tuple[SourceMessage, SensorReading]],
+        late: list[LateReading] | None = None,
     ) -> list[WindowRow]:
+        """Add readings to their windows; returns the windows closed. Late readings go to ``late``."""
+        late = late if late is not None else []
         if not readings:
             return []
         await _lock_windows(session)
@@ -245,11 +278,29 @@ class WindowBook:
                 )
             ).scalars()
         }
+        # Each scope's event-time watermark: where its last closed window ended.
+        closed_until: dict[str, datetime] = {
+            model: _aware(ts_end)
+            for model, ts_end in (
+                await session.execute(
+                    select(WindowRow.model, func.max(WindowRow.ts_end))
+                    .where(WindowRow.status == "closed", WindowRow.model.in_(list(by_model)))
+                    .group_by(WindowRow.model)
+                )
+            ).all()
+            if ts_end is not None
+        }
         closed: list[WindowRow] = []
         members: list[dict[str, Any]] = []
         for model, (spec, scope, items) in by_model.items():
             items.sort(key=lambda it: it[1].ts)
             window = open_rows.get(model)
+            watermark = closed_until.get(model)
+            if watermark is not None:
+                # Sorted: the late readings are a prefix.
+                n_late = next((k for k, (_m, ev) in enumerate(items) if ev.ts >= watermark), len(items))
+                late.extend(LateReading(model, ev.event_id, ev.ts, watermark) for _m, ev in items[:n_late])
+                items = items[n_late:]
             i = 0
             while i < len(items):
                 if window is None:
@@ -280,6 +331,14 @@ class WindowBook:
                     window.status, window.close_reason, window.closed_at = "closed", reason, utcnow()
                     closed.append(window)
                     window = None
+                    # The next window starts where this one ended: this batch's readings of
+                    # the scope older than that (the closed window held newer ones from an
+                    # earlier batch) are late too.
+                    assert ts_end is not None
+                    n_late = next((k for k in range(i, len(items)) if items[k][1].ts >= ts_end), len(items)) - i
+                    until = _aware(ts_end)
+                    late.extend(LateReading(model, ev.event_id, ev.ts, until) for _m, ev in items[i:i + n_late])
+                    i += n_late
         await session.flush()
         # One executemany for the memberships (the windows they point at exist by now).
         if members:  # an empty list would execute one "INSERT ... DEFAULT VALUES"
@@ -312,6 +371,7 @@ class BatchWriter:
     def __init__(self, session: AsyncSession, book: WindowBook) -> None:
         self.session = session
         self.book = book
+        self.late: list[LateReading] = []  # stored readings this batch left out of every window
 
     async def store_sensor_readings(
         self, readings: Sequence[tuple[SourceMessage, SensorReading]], at: datetime
@@ -338,8 +398,11 @@ class BatchWriter:
         )
 
     async def add_to_windows(self, readings: Sequence[tuple[SourceMessage, SensorReading]]) -> list[ClosedWindow]:
-        """Add newly stored readings (each once) to their windows; returns the windows this closed."""
-        return [_closed(w) for w in await self.book.add(self.session, readings)]
+        """Add newly stored readings (each once) to their windows; returns the windows this closed.
+
+        Readings older than their scope's last closed window are kept out (``self.late``).
+        """
+        return [_closed(w) for w in await self.book.add(self.session, readings, self.late)]
 
     def record_batch(
         self, consumer: str, consumed: int, stored: int, duplicates: int, dead_lettered: int,

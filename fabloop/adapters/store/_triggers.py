@@ -12,6 +12,15 @@ gone (no heartbeat), or that never got a run at all, is closed at once with that
 outcome, so a dead retraining does not hold back the next breach. A retraining that
 never ran (crashed, cancelled, never scheduled, lost) ends no episode: it starts no
 cooldown.
+
+A cooldown is measured in wall time and in event time. A trigger's event time is the
+end (``ts_end``) of the window it judged. The cooldown holds while both the wall time
+since the last retraining ended and the event time since its window are shorter than
+the cooldown. Live, the two advance together; in a replay or a catch-up after an
+outage, months of wafers arrive in minutes, and event time governs: the windows of a
+replayed month are not all suppressed by one wall-clock hour. A trigger without a
+window (manual, scheduled) has no event time, and wall time alone decides. In-flight
+suppression is wall time only: a running retraining is running.
 """
 
 from __future__ import annotations
@@ -22,17 +31,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from fabloop.adapters.run_states import RunStatus, flow_run_status, mark_crashed
 from fabloop.adapters.store._engine import sessionmaker
-from fabloop.adapters.store._schema import RetrainTriggerRow, utcnow
+from fabloop.adapters.store._schema import RetrainTriggerRow, WindowRow, utcnow
 
 # A started trigger gets its flow run within seconds (``run_deployment``, then
 # ``attach_flow_run``); one still without a run after this never will.
 NEVER_SCHEDULED_GRACE = timedelta(minutes=3)
 # Outcomes of a retraining that never ran to an end of its own: no cooldown follows them.
 NO_COOLDOWN = ("crashed", "cancelled", "never_scheduled", "lost")
+# Outcomes of a first training that pace the next first training: a challenger, and a
+# data-gate refusal (retrying the same refused set every window would only repeat it).
+FIRST_TRAINING_COOLDOWN = ("challenger", "refused")
 # Prefect state types that end a run, and the trigger outcome each closes it with.
 _ENDED = {"CRASHED": "crashed", "FAILED": "failed", "CANCELLED": "cancelled", "COMPLETED": "completed"}
 
@@ -70,7 +82,10 @@ async def decide_retrain(
     triggers whose run is dead are closed first (:func:`reconcile_triggers`). The
     cooldown follows each retraining that ran, within its family: a scope's first
     training (no champion yet) ends no drift episode, so it does not hold back the
-    first breach after it, but it does hold back further first trainings.
+    first breach after it, but it does hold back further first trainings, whether it
+    produced a challenger or the data gate refused its set (``FIRST_TRAINING_COOLDOWN``).
+    A cooldown holds while both the wall time and the event time since the last
+    retraining are shorter than ``cooldown`` (see the module docstring).
     ``in_flight_timeout`` is the last resort for a run nobody can judge.
     """
     now = now or utcnow()
@@ -86,9 +101,12 @@ async def decide_retrain(
         # Cooldowns run per family: first trainings pace first trainings, and breach
         # retrainings pace breach retrainings.
         family = (
-            # A first training that produced no challenger (too few labels yet) must
-            # not hold back the next window's attempt, which has more data.
-            (RetrainTriggerRow.kind == "first_training") & (RetrainTriggerRow.outcome == "challenger")
+            # A first training whose challenger lost the gate (``rejected``) or that failed
+            # does not hold back the next window's attempt, which has more data. A refused
+            # one does: the gate's refusal is a decision (too few labels, too many missing
+            # sensors) that the next window's set would mostly repeat.
+            (RetrainTriggerRow.kind == "first_training")
+            & RetrainTriggerRow.outcome.in_(FIRST_TRAINING_COOLDOWN)
             if kind == "first_training"
             else RetrainTriggerRow.kind != "first_training"
         )
@@ -102,8 +120,7 @@ async def decide_retrain(
             and last_episode.finished_at is not None
             and now - last_episode.finished_at < cooldown
         ):
-            until = last_episode.finished_at + cooldown
-            suppress = f"cooldown after retraining (trigger {last_episode.id}) until {until:%Y-%m-%d %H:%M:%S} UTC"
+            suppress = await _cooling_down(session, last_episode, window_id, cooldown)
         row = RetrainTriggerRow(
             model=model, window_id=window_id, check_id=check_id, at=now, kind=kind,
             action="suppressed" if suppress else "started",
@@ -139,6 +156,39 @@ async def finish_trigger(engine: AsyncEngine, trigger_id: int, outcome: str, at:
 
 def _aware(at: datetime) -> datetime:
     return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+async def _event_time(session: AsyncSession, window_id: int | None) -> datetime | None:
+    """A trigger's event time: its window's last wafer (None without a window)."""
+    if window_id is None:
+        return None
+    ts_end = (await session.execute(select(WindowRow.ts_end).where(WindowRow.id == window_id))).scalar()
+    return _aware(ts_end) if ts_end is not None else None
+
+
+async def _cooling_down(
+    session: AsyncSession, last: RetrainTriggerRow, window_id: int | None, cooldown: timedelta
+) -> str | None:
+    """The suppression reason while the cooldown after ``last`` holds (its wall time has not passed yet).
+
+    It holds unless the event time since ``last``'s window has reached the cooldown.
+    """
+    assert last.finished_at is not None
+    until = _aware(last.finished_at) + cooldown
+    wall = f"cooldown after retraining (trigger {last.id}) until {until:%Y-%m-%d %H:%M:%S} UTC"
+    last_event, event = await _event_time(session, last.window_id), await _event_time(session, window_id)
+    if last_event is None or event is None:
+        return f"{wall} (wall time; no event time to compare: a trigger without a window)"
+    if event - last_event >= cooldown:
+        return None
+    return (f"{wall} in wall time, or until the fab reaches event time {last_event + cooldown:%Y-%m-%d %H:%M:%S} "
+            f"UTC, whichever comes first (this window ends at {event:%Y-%m-%d %H:%M:%S} UTC, "
+            f"{_minutes(event - last_event)} after the retraining's window)")
+
+
+def _minutes(delta: timedelta) -> str:
+    minutes = delta.total_seconds() / 60
+    return f"{minutes:.0f} min" if abs(minutes) < 120 else f"{minutes / 60:.1f} h"
 
 
 async def reconcile_triggers(
