@@ -30,6 +30,7 @@ from fabloop.tasks.checks import (
     claim_window,
     data_drift,
     decide_retrain,
+    drift_calibration,
     find_champion,
     load_reference,
     load_window_frame,
@@ -93,7 +94,7 @@ def _judge(
     if champion is None:
         return WindowCheck(window_id, model, len(current), judge_window(model, len(current), policy, None))
     reference: pd.DataFrame = load_reference(client, champion)  # pandas is untyped: a DataFrame task looks async
-    data = data_drift(reference, current, policy)
+    data = data_drift(reference, current, policy, drift_calibration(client, champion, reference, current, policy))
     perf = model_performance(client, champion, current, policy)
     verdict = judge_window(model, len(current), policy, champion.version, data, perf)
     report_url = None

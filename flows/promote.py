@@ -327,10 +327,14 @@ def promote(
 ) -> dict[str, Any]:
     """Wait for a named person to approve or reject ``challenger_version`` of ``model``.
 
-    ``metrics`` has keys ``challenger`` and ``champion`` (same holdout); ``links`` may
-    carry ``drift_report``, ``drift_check_run``, ``challenger_run``, ``champion_run``;
-    ``trigger`` (window ids, drift check id…) is shown as evidence. Returns the audit
-    record of the outcome; the run ends in a state named after it.
+    ``metrics`` has keys ``challenger`` and ``champion`` (same holdout, each metric with
+    its ``_ci_low``/``_ci_high`` interval and ``n_fail``), and may have ``paired`` (the
+    paired DeLong difference, its interval and p-value) and ``cv`` (time-series CV
+    estimates); ``links`` may carry ``drift_report`` (the MLflow UI page that renders
+    the report), ``drift_check_run`` (its Prefect flow run page), ``challenger_run``,
+    ``champion_run``; ``trigger`` (window ids, drift check id, the gate's verdict…) is
+    shown as evidence. Returns the audit record of the outcome; the run ends in a state
+    named after it.
     """
     challenger_version = str(challenger_version)
     policy = load_block(ApprovalPolicy, policy_block)

@@ -34,13 +34,16 @@ from fabloop.tasks.retraining import (
     TrainingSet,
     challenger_links,
     data_gate,
+    drift_evidence_links,
     find_scope,
     finish_trigger,
+    gate_metrics,
     lineage_tags,
     load_training_set,
     publish_challenger,
     refuse,
     register_challenger,
+    remedy_text,
     set_challenger_alias,
     tag_validation,
     train_challenger,
@@ -81,20 +84,25 @@ def retrain(
             training_set = _training_set(engine, catalog, policy, policy_block, model, reasons, window_ids)
         except DataGateError as exc:
             outcome = "refused"  # the data gate said no: nothing was registered
-            get_run_logger().warning("retraining of %s refused by the data gate: %s", model, exc)
-            return Completed(name=REFUSED, message=f"refused by the data gate: {exc}",
-                             data={"model": model, "refused": str(exc), "policy_block": policy_block})
+            remedy = remedy_text(str(exc), policy_block)
+            get_run_logger().warning("retraining of %s refused by the data gate: %s; %s", model, exc, remedy)
+            return Completed(name=REFUSED, message=f"refused by the data gate: {exc}; {remedy}",
+                             data={"model": model, "refused": str(exc), "policy_block": policy_block,
+                                   "remedy": remedy})
         tags = lineage_tags(engine, model, reasons, window_ids, training_set.digest, drift_check_id)
         client = registry.client(tracking_uri)
         training = train_challenger(client, model, training_set, tags, policy,
                                     store.optuna_storage(database.sqlalchemy_url()))
         version = register_challenger(model, training.model_uri, tags)
         set_challenger_alias(client, model, version)
-        verdict = judge_challenger(training.challenger, training.champion, policy)
+        verdict = judge_challenger(training.challenger, training.champion, policy, paired=training.paired,
+                                   challenger_cv=training.challenger_cv, champion_cv=training.champion_cv)
         tag_validation(client, model, version, verdict, training.champion_version)
         links = challenger_links(client, tracking_uri, model, training, version)
+        links |= drift_evidence_links(client, tracking_uri, model, window_ids, drift_check_id)
         summary = _summary(model, version, training, verdict, links, training_set)
-        publish_challenger(model, version, reasons, verdict, training, links)
+        summary["metrics"] = gate_metrics(training, verdict)
+        publish_challenger(model, version, reasons, verdict, training, links, training_set.gate.dropped_markdown())
         _announce(model, version, verdict, training.challenger)
         if verdict.passed and promotion == "deployment":
             summary["promote_flow_run"] = _start_promotion(summary, reasons, window_ids, drift_check_id)
@@ -119,8 +127,9 @@ def _training_set(
     except DataGateError as exc:
         refuse(model, str(exc), reasons, window_ids, len(frame), policy_block)
         raise
-    if gate.dropped_constant:
-        logger.info("constant sensors dropped: %s", ", ".join(gate.dropped_constant))
+    if gate.n_dropped:
+        logger.info("%s: %s", gate.dropped_summary(),
+                    "; ".join(f"{sensor!r} {why}" for sensor, why in gate.dropped().items()))
     digest = data_hash(frame[["event_id", "ts", *gate.features, store.LABEL]])
     return TrainingSet(scope=scope, frame=frame, gate=gate, split=split, digest=digest)
 
@@ -135,6 +144,7 @@ def _summary(
         "challenger": training.challenger, "champion": training.champion,
         "champion_version": training.champion_version, "champion_note": training.champion_note,
         "gate": verdict.model_dump(), "links": links, "dropped_constant": training_set.gate.dropped_constant,
+        "dropped_missing": training_set.gate.dropped_missing,
         "rows": len(training_set.frame), "study": training.search.study_name,
     }
 
@@ -155,12 +165,14 @@ def _start_promotion(
 ) -> str:
     """Start ``promote`` as a child run (it pauses for approval); returns its flow run id."""
     model, version = summary["model"], summary["version"]
+    gate = GateVerdict(**summary["gate"]).summary()
     child = run_deployment(
         PROMOTE_DEPLOYMENT, timeout=0, as_subflow=True,
         parameters={"model": model, "challenger_version": str(version), "reasons": reasons,
-                    "metrics": {"challenger": summary["challenger"], "champion": summary["champion"] or {}},
+                    "metrics": summary["metrics"],
                     "links": summary["links"], "trigger": {"window_ids": window_ids, "drift_check_id": drift_check_id,
-                                                           "retrain_flow_run": summary.get("run_id")}},
+                                                           "retrain_flow_run": summary.get("run_id"),
+                                                           "challenger_gate": gate}},
     )
     assert isinstance(child, FlowRun)  # run_deployment is typed maybe-a-coroutine; a sync flow gets the run
     get_run_logger().info("promotion of v%s awaiting approval: flow run %s", version, child.id)

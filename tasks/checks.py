@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from fabloop.adapters import registry, store
 from fabloop.adapters.registry import MlflowClient, ModelVersion
 from fabloop.adapters.run_states import flow_run_status
+from fabloop.core.calibration import DriftCalibration, calibrate_drift, calibration_fingerprint
 from fabloop.core.drift import DriftResult, PerformanceDriftResult, check_drift, drift_report_html, performance_drift
 from fabloop.core.names import CHAMPION, artifact_key
 from fabloop.core.policies import DriftPolicy
@@ -103,10 +104,44 @@ def load_reference(client: MlflowClient, champion: ModelVersion) -> pd.DataFrame
     return registry.reference_frame(client, champion)
 
 
+def _drift_features(reference: pd.DataFrame, current: pd.DataFrame) -> list[str]:
+    return [c for c in store.sensor_columns(current) if c in reference.columns]
+
+
+@task(name="drift calibration", cache_policy=NO_CACHE, **TRANSIENT)
+def drift_calibration(
+    client: MlflowClient, champion: ModelVersion, reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy
+) -> DriftCalibration | None:
+    """The calibrated alarm's null for this champion, window size and policy (None under the 'share' rule).
+
+    Each check is a fresh process: the null is kept as a JSON artifact on the champion's
+    training run, keyed by window size and fingerprint, computed and logged by the first
+    check that needs it and read back by the next ones.
+    """
+    if policy.alarm_rule != "calibrated":
+        return None
+    features = _drift_features(reference, current)
+    fingerprint = calibration_fingerprint(reference, policy, len(current), features)
+    path = registry.drift_calibration_path(len(current), fingerprint)
+    kept = registry.load_drift_calibration(client, champion, path)
+    if kept is not None:
+        try:
+            calibration = DriftCalibration.model_validate(kept)
+        except ValueError:  # an older calibration format: compute it afresh
+            calibration = None
+        if calibration is not None and calibration.fingerprint == fingerprint:
+            return calibration
+    calibration = calibrate_drift(reference, policy, len(current), features)
+    registry.log_drift_calibration(client, champion, calibration.model_dump(mode="json"), path)
+    return calibration
+
+
 @task(name="data drift")
-def data_drift(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy) -> DriftResult:
-    features = [c for c in store.sensor_columns(current) if c in reference.columns]
-    return check_drift(reference[features], current[features], policy, features=features)
+def data_drift(
+    reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy, calibration: DriftCalibration | None = None
+) -> DriftResult:
+    features = _drift_features(reference, current)
+    return check_drift(reference[features], current[features], policy, features=features, calibration=calibration)
 
 
 @task(name="performance drift", cache_policy=NO_CACHE, **TRANSIENT)
@@ -128,8 +163,15 @@ def model_performance(
         scores = registry.load_scorer(client, champion).score(labelled)
     except KeyError:
         return None
+    # The reference AUC's own uncertainty: its logged DeLong variance, else (an older
+    # champion) Hanley-McNeil from its holdout's class counts.
+    ref_n = run.data.metrics.get("holdout_n_rows")
+    ref_n_fail = run.data.metrics.get("holdout_n_fail")
     return performance_drift(
-        labelled[store.LABEL].to_numpy(), scores, ref_auc, cal_fail, policy, score_bias=cal_score - cal_fail
+        labelled[store.LABEL].to_numpy(), scores, ref_auc, cal_fail, policy, score_bias=cal_score - cal_fail,
+        reference_var=run.data.metrics.get("holdout_roc_auc_var"),
+        reference_n_fail=None if ref_n_fail is None else int(ref_n_fail),
+        reference_n_pass=None if ref_n is None or ref_n_fail is None else int(ref_n - ref_n_fail),
     )
 
 
@@ -147,8 +189,14 @@ def publish_report(
     with registry.start_run(f"drift-window-{window_id}", experiment_id=experiment_id) as run_id:
         registry.set_run_tags({"fabloop.model": model, "fabloop.window_id": str(window_id)})
         registry.log_metrics({"drift_share": data.share, "drifted_sensors": data.n_drifted})
+        if data.threshold_share is not None:
+            registry.log_metrics({"drift_threshold_share": data.threshold_share})
         if performance and performance.roc_auc is not None:
-            registry.log_metrics({"window_roc_auc": performance.roc_auc})
+            registry.log_metrics({"window_roc_auc": performance.roc_auc, "window_n_fail": performance.n_failing})
+            if performance.roc_auc_ci is not None and performance.auc_p_value is not None:
+                registry.log_metrics({"window_roc_auc_ci_low": performance.roc_auc_ci[0],
+                                      "window_roc_auc_ci_high": performance.roc_auc_ci[1],
+                                      "window_roc_auc_drop_p": performance.auc_p_value})
         path = f"drift/window-{window_id}.html"
         registry.log_html(html, path)
         return registry.artifact_url(tracking_uri, run_id, path)

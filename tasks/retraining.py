@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import mlflow
+import numpy as np
 import pandas as pd
 from prefect import runtime, task
 from prefect.artifacts import create_markdown_artifact
@@ -20,15 +22,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fabloop.adapters import registry, store
 from fabloop.adapters.registry import MlflowClient
+from fabloop.core.approval import metrics_table as uncertainty_table
 from fabloop.core.lineage import lineage, study_name
 from fabloop.core.names import CHALLENGER, CHAMPION, RETRAIN_REJECTED, artifact_key, model_resource
 from fabloop.core.policies import RetrainPolicy
 from fabloop.core.reports import challenger_markdown, refused_markdown
 from fabloop.core.scopes import ModelCatalogValue, ModelSpec
+from fabloop.core.stats import PairedAuc, paired_bootstrap, paired_delong
 from fabloop.core.training import GateReport, Split, gate_training_set, holdout_metrics, time_ordered_split
 from fabloop.core.tuning import FinalModel, TuneResult, time_folds, tune
 from fabloop.core.validation import GateVerdict
 from fabloop.tasks.retries import TRANSIENT
+
+# The training run's JSON artifact listing the sensors the data gate dropped, and why.
+DATA_GATE_ARTIFACT = "data_gate.json"
 
 # Booster parameters of the search's best trial logged with the training run.
 LOGGED_LGBM_PARAMS = ("num_leaves", "learning_rate", "min_data_in_leaf", "feature_fraction", "lambda_l2",
@@ -58,6 +65,23 @@ class Training:
     champion: dict[str, float] | None
     champion_version: str | None
     champion_note: str
+    # The champion on the same holdout wafers (paired DeLong), and both models' time-series
+    # CV ROC-AUC, which the gate judges on when the holdout holds too few fails.
+    paired: PairedAuc | None = None
+    challenger_cv: float | None = None
+    champion_cv: float | None = None
+    paired_extra: dict[str, float] | None = None  # PR-AUC difference (paired bootstrap): diff, interval, p
+
+
+@dataclass(frozen=True)
+class ChampionScore:
+    """The champion on the challenger's holdout: its metrics, its scores (for the paired test), its recorded CV."""
+
+    metrics: dict[str, float] | None
+    version: str | None
+    note: str
+    scores: np.ndarray | None = None
+    cv_roc_auc: float | None = None
 
 
 @task(name="find scope", cache_policy=NO_CACHE, **TRANSIENT)
@@ -107,6 +131,8 @@ _REMEDIES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("too few rows", ("min_rows",), "wait for more labelled wafers, or lower the minimum"),
     ("min_class_count", ("min_class_count",),
      "wait for wafers of the missing class (sort/final-test results), or lower the minimum"),
+    ("max_dropped_share", ("max_dropped_share", "max_missing_share"),
+     "fix the feeds of the dead, missing or stuck sensors, or raise the cap to train on the sensors left"),
     ("max_missing_share", ("max_missing_share", "missing_action"),
      "fix the sensor's feed, raise the share, or set missing_action to 'drop' to train without it"),
     ("no usable features left", ("max_missing_share", "missing_action"),
@@ -118,15 +144,32 @@ _REMEDIES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 
 
+def _remedy(reason: str) -> tuple[tuple[str, ...], str] | None:
+    """The RetrainPolicy fields that set the limit a refusal hit, and the advice (None: the data is at fault)."""
+    for needle, fields, advice in _REMEDIES:
+        if needle in reason:
+            return fields, advice
+    return None
+
+
 def remedy_markdown(reason: str, policy_block: str) -> str:
     """What to change after a refusal: which block and field, or the data itself."""
     block = f"`fabloop RetrainPolicy` block **`{policy_block}`** (Prefect UI → Blocks)"
-    for needle, fields, advice in _REMEDIES:
-        if needle in reason:
-            named = ", ".join(f"`policy.{f}`" for f in fields)
-            return f"**What to change:** {advice} — {block}, field {named}."
+    remedy = _remedy(reason)
+    if remedy is not None:
+        named = ", ".join(f"`policy.{f}`" for f in remedy[0])
+        return f"**What to change:** {remedy[1]} — {block}, field {named}."
     return (f"**What to change:** the data (the refusal names the columns); no field of the {block} "
             "lifts this limit.")
+
+
+def remedy_text(reason: str, policy_block: str) -> str:
+    """:func:`remedy_markdown` in plain words, for a run's state message and logs."""
+    remedy = _remedy(reason)
+    if remedy is None:
+        return f"to change: the data; no field of the fabloop RetrainPolicy block {policy_block!r} lifts this limit"
+    fields = ", ".join(f"policy.{f}" for f in remedy[0])
+    return f"to change: fabloop RetrainPolicy block {policy_block!r}, field {fields} ({remedy[1]})"
 
 
 @task(name="lineage", cache_policy=NO_CACHE, **TRANSIENT)
@@ -148,19 +191,41 @@ def tune_model(X: pd.DataFrame, y: pd.Series, policy: RetrainPolicy, storage: st
 
 
 @task(name="score champion on holdout", cache_policy=NO_CACHE, **TRANSIENT)
-def score_champion(
-    client: MlflowClient, model: str, holdout: pd.DataFrame, policy: RetrainPolicy
-) -> tuple[dict[str, float] | None, str | None, str]:
-    """The champion's holdout metrics (None without a champion, or one that cannot score this data)."""
+def score_champion(client: MlflowClient, model: str, holdout: pd.DataFrame, policy: RetrainPolicy) -> ChampionScore:
+    """The champion's holdout metrics and scores (none without a champion, or one that cannot score this data)."""
     champion = registry.alias_version(client, model, CHAMPION)
     if champion is None:
-        return None, None, "no champion"
+        return ChampionScore(None, None, "no champion")
+    cv = recorded_cv_auc(registry.run_of(client, champion).data)
     try:
         scorer = registry.load_scorer(client, champion)
-        scores = scorer.score(holdout)
+        scores = np.asarray(scorer.score(holdout), dtype=float)
     except KeyError as exc:
-        return None, champion.version, f"champion v{champion.version} cannot score this data: {exc}"
-    return holdout_metrics(holdout[store.LABEL].astype(int), scores, policy), champion.version, "ok"
+        return ChampionScore(None, champion.version, f"champion v{champion.version} cannot score this data: {exc}",
+                             cv_roc_auc=cv)
+    metrics = holdout_metrics(holdout[store.LABEL].astype(int), scores, policy)
+    return ChampionScore(metrics, champion.version, "ok", scores, cv)
+
+
+def recorded_cv_auc(run_data: object) -> float | None:
+    """The CV ROC-AUC a training run recorded for the model family it registered (older runs: by ``winner``)."""
+    metrics: dict[str, float] = getattr(run_data, "metrics", {})
+    params: dict[str, str] = getattr(run_data, "params", {})
+    if "cv_roc_auc_winner" in metrics:
+        return metrics["cv_roc_auc_winner"]
+    key = "cv_roc_auc_baseline" if params.get("winner") == "baseline" else "cv_roc_auc_lgbm"
+    return metrics.get(key)
+
+
+def winner_cv_auc(search: TuneResult) -> float:
+    """The CV ROC-AUC of the model family the search registers."""
+    return search.baseline_cv_auc if search.winner == "baseline" else search.lgbm_cv_auc
+
+
+def cv_fails(y_train: pd.Series, search: TuneResult) -> int:
+    """Failing wafers over the CV folds' validation parts: what the CV estimate rests on."""
+    y = y_train.astype(int).to_numpy()
+    return int(sum(y[start:end].sum() for _, start, end in search.folds))
 
 
 @task(name="train challenger", cache_policy=NO_CACHE, **TRANSIENT)
@@ -179,35 +244,68 @@ def train_challenger(
             split.train[feats], split.train[store.LABEL].astype(int),
             split.validation[feats], split.validation[store.LABEL].astype(int),
         )
-        challenger = _log_challenger_scores(final, split, feats, policy)
-        champion, champion_version, champion_note = score_champion(client, model, split.holdout, policy)
+        challenger, challenger_scores = _log_challenger_scores(final, split, feats, policy)
+        champ = score_champion(client, model, split.holdout, policy)
+        challenger_cv = winner_cv_auc(search)
         registry.log_metrics({"cv_roc_auc_lgbm": search.lgbm_cv_auc, "cv_roc_auc_baseline": search.baseline_cv_auc,
+                              "cv_roc_auc_winner": challenger_cv,
+                              "cv_n_fail": cv_fails(split.train[store.LABEL], search),
                               "validation_roc_auc": final.val_auc})
-        if champion:
-            registry.log_metrics({f"champion_holdout_{k}": v for k, v in champion.items()})
+        paired, paired_extra = None, None
+        if champ.metrics:
+            registry.log_metrics({f"champion_holdout_{k}": v for k, v in champ.metrics.items()})
+        if champ.scores is not None:
+            paired = paired_delong(split.holdout[store.LABEL].astype(int).to_numpy(), challenger_scores, champ.scores)
+            lo, hi = paired.ci(policy.gate_alpha)
+            registry.log_metrics({"paired_roc_auc_diff": paired.diff, "paired_roc_auc_diff_ci_low": lo,
+                                  "paired_roc_auc_diff_ci_high": hi, "paired_roc_auc_diff_p": paired.p_value})
+            paired_extra = _paired_pr_auc(split.holdout[store.LABEL], challenger_scores, champ.scores, policy)
+            registry.log_metrics({f"paired_{k}": v for k, v in paired_extra.items()})
+        if champ.cv_roc_auc is not None:
+            registry.log_metrics({"champion_cv_roc_auc": champ.cv_roc_auc})
         registry.log_params({"winner": search.winner, **{f"lgbm_{k}": v for k, v in search.best_params.items()
                                                           if k in LOGGED_LGBM_PARAMS}})
         model_uri = registry.log_model(final, split.train)
         registry.log_reference(split.train[feats + training.gate.dropped_constant])
         registry.log_feature_importance(final)
-    return Training(experiment_id, run_id, model_uri, search, challenger, champion, champion_version, champion_note)
+    return Training(experiment_id, run_id, model_uri, search, challenger, champ.metrics, champ.version, champ.note,
+                    paired=paired, challenger_cv=challenger_cv, champion_cv=champ.cv_roc_auc, paired_extra=paired_extra)
+
+
+def _paired_pr_auc(
+    labels: pd.Series, challenger: np.ndarray, champion: np.ndarray, policy: RetrainPolicy
+) -> dict[str, float]:
+    """PR-AUC of both on the same holdout: no closed form, so a paired bootstrap."""
+    from sklearn.metrics import average_precision_score
+
+    diff, lo, hi, p = paired_bootstrap(labels.astype(int).to_numpy(), challenger, champion, average_precision_score,
+                                       alpha=policy.gate_alpha, draws=200, seed=policy.seed)
+    return {"pr_auc_diff": diff, "pr_auc_diff_ci_low": lo, "pr_auc_diff_ci_high": hi, "pr_auc_diff_p": p}
 
 
 def _log_training_set(model: str, training: TrainingSet, policy: RetrainPolicy) -> None:
     gate, split = training.gate, training.split
     registry.log_params({
         "rows": len(training.frame), "features": len(gate.features), "dropped_constant": len(gate.dropped_constant),
+        "sensors": gate.n_sensors, "dropped_dead": len(gate.dead), "dropped_missing": len(gate.dropped_missing),
         "fail_rate": round(gate.fail_rate, 5), "n_trials": policy.n_trials, "seed": policy.seed,
         **{f"split_{k}": v for k, v in split.sizes().items()},
     })
+    # Which sensors the model never saw, and why: the engineer's list of feeds to check.
+    mlflow.log_dict({"summary": gate.dropped_summary(), "dropped": gate.dropped(),
+                     "missing_share": gate.dropped_missing, "constant": gate.dropped_constant}, DATA_GATE_ARTIFACT)
     registry.log_training_data(split.train[["ts", "wafer", *gate.features, store.LABEL]], model, training.scope,
                                training.digest, store.LABEL)
 
 
 def _log_challenger_scores(
     final: FinalModel, split: Split, feats: list[str], policy: RetrainPolicy
-) -> dict[str, float]:
-    """The challenger's holdout metrics, logged with its calibration reference; returns the metrics."""
+) -> tuple[dict[str, float], np.ndarray]:
+    """The challenger's holdout metrics, logged with its calibration reference; returns them and its scores.
+
+    Logged with their intervals and ``holdout_roc_auc_var``: a later performance check
+    weighs the champion's reference AUC by that variance.
+    """
     challenger_scores = final.predict_score(split.holdout[feats])
     challenger = holdout_metrics(split.holdout[store.LABEL].astype(int), challenger_scores, policy)
     registry.log_metrics({f"holdout_{k}": v for k, v in challenger.items()})
@@ -220,7 +318,7 @@ def _log_challenger_scores(
         "calibration_mean_score": float(final.predict_score(unseen[feats]).mean()),
         "calibration_fail_rate": float(unseen[store.LABEL].mean()),
     })
-    return challenger
+    return challenger, np.asarray(challenger_scores, dtype=float)
 
 
 @task(name="register challenger", cache_policy=NO_CACHE, **TRANSIENT)
@@ -242,6 +340,7 @@ def tag_validation(
     registry.set_tags(client, model, version, {
         "validation": "passed" if verdict.passed else "rejected",
         "validation_reasons": verdict.summary(),
+        "validation_basis": verdict.basis,
         "champion_at_validation": champion_version or "",
     })
 
@@ -263,16 +362,69 @@ def challenger_links(
     return links
 
 
+@task(name="drift evidence links", cache_policy=NO_CACHE, **TRANSIENT)
+def drift_evidence_links(
+    client: MlflowClient, tracking_uri: str, model: str, window_ids: Sequence[int], drift_check_id: int | None,
+) -> dict[str, str]:
+    """Links to what triggered this retraining: the rendered drift report and the drift check's run.
+
+    The report is the MLflow UI's artifact view of the window's monitoring run (the
+    tracking server's ``get-artifact`` only downloads the file); the drift check is the
+    Prefect UI page of this run's parent flow run, the check that started it.
+    """
+    links: dict[str, str] = {}
+    for window_id in reversed(list(window_ids)):
+        run = registry.window_report_run(client, model, window_id)
+        if run is None:
+            continue
+        path = f"drift/window-{window_id}.html"
+        links["drift_report"] = registry.artifact_page_url(tracking_uri, run.info.experiment_id, run.info.run_id, path)
+        links["drift_monitoring_run"] = registry.run_url(tracking_uri, run.info.experiment_id, run.info.run_id)
+        break
+    parent = runtime.flow_run.parent_flow_run_id
+    if drift_check_id is not None and parent:
+        from prefect.settings import get_current_settings
+
+        ui = get_current_settings().ui_url
+        if ui:
+            links["drift_check_run"] = f"{ui.rstrip('/')}/runs/flow-run/{parent}"
+    return links
+
+
 @task(name="publish challenger", cache_policy=NO_CACHE, **TRANSIENT)
 def publish_challenger(
     model: str, version: str, reasons: Sequence[str], verdict: GateVerdict, training: Training, links: dict[str, str],
+    dropped: str = "",
 ) -> None:
-    """The challenger's gate verdict and metrics as the model's ``retrain-<model>`` artifact."""
+    """The challenger's gate verdict and metrics as the model's ``retrain-<model>`` artifact.
+
+    ``dropped``: the data gate's section on the sensors left out of training (Markdown).
+    """
     create_markdown_artifact(
         key=artifact_key("retrain", model), description=f"Retraining of {model}: challenger v{version}",
         markdown=challenger_markdown(model, version, reasons, verdict, training.search, training.challenger,
-                                     training.champion, links),
+                                     training.champion, links) + (f"\n{dropped}" if dropped else "")
+                 + "\n" + evidence_markdown(verdict, training, version),
     )
+
+
+def gate_metrics(training: Training, verdict: GateVerdict) -> dict[str, dict[str, float]]:
+    """Both models' holdout metrics with their intervals, the paired comparison and the CV estimates."""
+    metrics: dict[str, dict[str, float]] = {"challenger": training.challenger, "champion": training.champion or {}}
+    if verdict.paired or training.paired_extra:
+        metrics["paired"] = {**(verdict.paired or {}), **(training.paired_extra or {})}
+    cv = {"challenger": training.challenger_cv, "champion": training.champion_cv}
+    metrics["cv"] = {k: v for k, v in cv.items() if v is not None}
+    return metrics
+
+
+def evidence_markdown(verdict: GateVerdict, training: Training, version: str) -> str:
+    """The metrics with n_fail, their intervals and the paired test, and what the gate judged on."""
+    basis = ("the holdout (paired DeLong vs the champion)" if verdict.basis == "holdout"
+             else "the time-series CV estimates (too few fails in the holdout)")
+    return (f"### With their uncertainty\n\nJudged on {basis}; intervals at "
+            f"{100 * (1 - training.search.policy.gate_alpha):g} %.\n\n"
+            + uncertainty_table(gate_metrics(training, verdict), training.champion_version, version))
 
 
 @task(name="finish trigger", cache_policy=NO_CACHE, **TRANSIENT)

@@ -44,12 +44,12 @@ if TYPE_CHECKING:  # LightGBM is heavy to import; promotion and drift checks nev
 __all__ = [
     "CHALLENGER", "CHAMPION", "MAX_TAG_VALUE", "MODEL_KIND_TAG", "PREVIOUS", "REFERENCE_ARTIFACT", "TAG_PREFIX",
     "MlflowClient", "ModelVersion", "RegistryError", "Scorer", "VersionInfo", "alias_version", "aliases",
-    "all_aliases", "artifact_url", "client",
+    "all_aliases", "artifact_page_url", "artifact_url", "client",
     "describe", "drop_alias_if_on", "experiment_name", "get_version", "load_scorer",
     "log_feature_importance", "log_html", "log_metrics", "log_model", "log_params", "log_reference",
     "log_training_data", "log_trial", "promote_to_champion", "reference_frame", "register_version",
     "rollback_champion", "run_id_of", "run_of", "run_url", "set_alias", "set_run_tags", "set_tags", "start_run",
-    "use_experiment", "version_url",
+    "use_experiment", "version_url", "window_report_run",
 ]
 
 REFERENCE_ARTIFACT = "reference/sensors.parquet"
@@ -108,6 +108,26 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 def artifact_url(tracking_uri: str, run_id: str, artifact_path: str) -> str:
     """A direct link to an artifact served by the tracking server."""
     return f"{tracking_uri.rstrip('/')}/get-artifact?path={artifact_path}&run_uuid={run_id}"
+
+
+def artifact_page_url(tracking_uri: str, experiment_id: str, run_id: str, artifact_path: str) -> str:
+    """The MLflow UI's view of a run artifact: an HTML file opens rendered in the page.
+
+    ``get-artifact`` (:func:`artifact_url`) always answers as a download (MLflow sends
+    artifacts as attachments against XSS); the UI's run page with the artifact
+    selected shows the same file in a sandboxed frame instead.
+    """
+    return f"{run_url(tracking_uri, experiment_id, run_id)}/artifactPath/{artifact_path}"
+
+
+def window_report_run(ml: MlflowClient, model: str, window_id: int) -> Run | None:
+    """The monitoring run that keeps window ``window_id``'s drift report, if one was published."""
+    experiment = ml.get_experiment_by_name(experiment_name(model, "monitoring"))
+    if experiment is None:
+        return None
+    runs = ml.search_runs([experiment.experiment_id], f"tags.`fabloop.window_id` = '{int(window_id)}'",
+                          max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
 
 
 # --- registry: versions and aliases ----------------------------------------------------
@@ -478,3 +498,36 @@ def reference_frame(client: MlflowClient, version: ModelVersion, cache_dir: Path
             )
             os.replace(local, path)
     return pd.read_parquet(path)
+
+
+# --- drift calibration: the null of a champion's data-drift alarm, kept on its run ------
+
+DRIFT_CALIBRATION_DIR = "drift-calibration"
+
+
+def drift_calibration_path(window_rows: int, fingerprint: str) -> str:
+    """Where a version's run keeps its calibration for windows of ``window_rows`` wafers under one policy."""
+    return f"{DRIFT_CALIBRATION_DIR}/w{int(window_rows)}-{fingerprint}.json"
+
+
+def load_drift_calibration(client: MlflowClient, version: ModelVersion, artifact_file: str) -> dict[str, Any] | None:
+    """The calibration a previous check logged on the version's run, or None when there is none yet."""
+    run_id = run_id_of(version)
+    listed = {a.path for a in client.list_artifacts(run_id, DRIFT_CALIBRATION_DIR)}
+    if artifact_file not in listed:
+        return None
+    try:
+        payload: dict[str, Any] = mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
+    except (json.JSONDecodeError, MlflowException):  # caught mid-write by a concurrent check: compute afresh
+        return None
+    return payload
+
+
+def log_drift_calibration(
+    client: MlflowClient, version: ModelVersion, payload: Mapping[str, Any], artifact_file: str
+) -> None:
+    """Keep a calibration on the version's (finished) run: the next check of the model reads it back.
+
+    Two checks computing it at once write the same content to the same file.
+    """
+    client.log_dict(run_id_of(version), dict(payload), artifact_file)

@@ -48,20 +48,66 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
+# Keys of a holdout metrics dict that qualify another metric rather than being one.
+_QUALIFIERS = ("_ci_low", "_ci_high", "_var", "_p_chance")
+_COUNTS = ("n_fail", "n_rows")
+
+
+def _cell(values: Mapping[str, float], name: str) -> str:
+    """A metric with its interval when one was given: ``0.8617 [0.80, 0.92]``; counts as integers."""
+    value = values.get(name)
+    if value is None:
+        return "—"
+    if name in _COUNTS:
+        return str(int(value))
+    lo, hi = values.get(f"{name}_ci_low"), values.get(f"{name}_ci_high")
+    return _fmt(value) + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 def metrics_table(metrics: Mapping[str, Mapping[str, float]], champion: str | None, challenger: str) -> str:
-    """Champion vs challenger on the same holdout, one row per metric, with the change."""
+    """Champion vs challenger on the same holdout, one row per metric, with the change.
+
+    Intervals (``<metric>_ci_low``/``_ci_high``) are shown next to their metric, and the
+    ROC-AUC change carries the paired test's interval and p-value (``metrics["paired"]``);
+    ``metrics["cv"]`` adds the time-series CV estimates the gate uses on a small holdout.
+    """
     champ = metrics.get("champion") or {}
     chall = metrics.get("challenger") or {}
-    names = list(dict.fromkeys([*chall, *champ]))
+    paired = metrics.get("paired") or {}
+    cv = metrics.get("cv") or {}
+    names = [n for n in dict.fromkeys([*chall, *champ]) if not n.endswith(_QUALIFIERS)]
     if not names:
         return "_No holdout metrics were given._\n"
     head = f"champion v{champion}" if champion else "champion (none)"
     lines = [f"| metric | {head} | challenger v{challenger} | change |", "|---|---:|---:|---:|"]
     for name in names:
         a, b = champ.get(name), chall.get(name)
+        change = "—" if a is None or b is None else (f"{int(b - a):+d}" if name in _COUNTS else f"{b - a:+.4f}")
+        if f"{name}_diff" in paired:  # the paired test on the same wafers: difference, interval, p-value
+            change = (f"{paired[f'{name}_diff']:+.4f} [{paired[f'{name}_diff_ci_low']:+.3f}, "
+                      f"{paired[f'{name}_diff_ci_high']:+.3f}], {_p(paired[f'{name}_diff_p'])}")
+        lines.append(f"| {name} | {_cell(champ, name)} | {_cell(chall, name)} | {change} |")
+    if "roc_auc_p_chance" in chall:
+        lines.append(f"| roc_auc better than chance | "
+                     f"{_p(champ['roc_auc_p_chance']) if 'roc_auc_p_chance' in champ else '—'} | "
+                     f"{_p(chall['roc_auc_p_chance'])} | |")
+    if cv:
+        a, b = cv.get("champion"), cv.get("challenger")
         change = "—" if a is None or b is None else f"{b - a:+.4f}"
-        lines.append(f"| {name} | {_fmt(a)} | {_fmt(b)} | {change} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| cv_roc_auc (time-series CV) | {_fmt(a)} | {_fmt(b)} | {change} |")
+    notes = []
+    if chall.get("roc_auc_ci_low") is not None:
+        notes.append("Brackets: confidence intervals (DeLong for ROC-AUC, Wilson for rates, bootstrap for PR-AUC).")
+    if "roc_auc_diff" in paired:
+        notes.append(f"ROC-AUC change: paired DeLong test on the same {int(paired.get('n_fail', 0))} failing wafers "
+                     f"of {int(paired.get('n_rows', 0))}.")
+    if "pr_auc_diff" in paired:
+        notes.append("PR-AUC change: paired bootstrap on the same wafers.")
+    return "\n".join(lines) + "\n" + ("\n" + " ".join(notes) + "\n" if notes else "")
 
 
 def decision_markdown(
@@ -87,7 +133,7 @@ def decision_markdown(
         "" if champion else "\nThis model has no champion yet: if approved, this version becomes the first.",
         "\n### Why a new model\n",
         *([f"- {r}" for r in reasons] or ["- (no reason given)"]),
-        "\n### Holdout metrics (same holdout for both)\n",
+        "\n### Holdout metrics (same holdout for both, with their uncertainty)\n",
         metrics_table(metrics, champion, challenger),
     ]
     shown = {"challenger_version", "champion_version", "challenger_run", "champion_run"}

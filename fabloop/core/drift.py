@@ -29,13 +29,16 @@ import math
 from collections.abc import Sequence
 from functools import cache
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from fabloop.core.policies import DriftPolicy
+from fabloop.core.policies import AlarmRule, DriftPolicy
+
+if TYPE_CHECKING:
+    from fabloop.core.calibration import DriftCalibration
 
 # Tests whose score is a p-value (drift when the p-value is *below* the threshold);
 # every other registered test returns a distance/divergence (drift when *above*).
@@ -58,6 +61,8 @@ _P_VALUE_TESTS = frozenset(
     }
 )
 _TESTABLE_TYPES = ("num", "cat", "text")
+# The calibrated rule needs a reference of at least this many windows (fabloop.core.calibration says why).
+MIN_REFERENCE_WINDOWS = 3
 
 
 @cache
@@ -138,7 +143,19 @@ class DriftResult(BaseModel):
     drifted: bool
     reason: str
     share: float = Field(description="Drifted sensors / tested sensors (0 when none tested).")
-    drift_share: float
+    drift_share: float = Field(description="The policy's fixed share (the rule only when alarm_rule='share').")
+    alarm_rule: AlarmRule = "share"
+    threshold_share: float | None = Field(
+        default=None,
+        description="The share the window was judged against: drift_share ('share', alarm at >=) or the "
+        "reference's own (1 - alpha) quantile ('calibrated', alarm at >).",
+    )
+    alpha: float | None = Field(default=None, description="'calibrated': the false-alarm rate the rule is set to.")
+    calibration_draws: int | None = Field(default=None, description="'calibrated': reference sub-samples drawn.")
+    calibration_window_rows: int | None = Field(
+        default=None,
+        description="'calibrated': wafers per pseudo-window (the window's size unless the reference is small).",
+    )
     n_features: int
     n_tested: int
     n_drifted: int
@@ -170,9 +187,16 @@ class DriftResult(BaseModel):
             self.reason,
             "",
             f"- window: {self.current_rows} wafers vs reference: {self.reference_rows} wafers",
-            f"- sensors drifted: {self.n_drifted} of {self.n_tested} tested "
-            f"(share {self.share:.3f}, dataset threshold {self.drift_share:.3f})",
+            f"- sensors drifted: {self.n_drifted} of {self.n_tested} tested (share {self.share:.3f})",
         ]
+        if self.alarm_rule == "calibrated" and self.threshold_share is not None:
+            lines.append(
+                f"- alarm rule: calibrated, share > {self.threshold_share:.3f} (the reference's own "
+                f"{_percentile(self.alpha or 0.0)} over {self.calibration_draws} draws of "
+                f"{self.calibration_window_rows} wafers)"
+            )
+        else:
+            lines.append(f"- alarm rule: fixed share, share >= {self.drift_share:.3f}")
         if self.drifted_critical_sensors:
             lines.append(f"- critical sensors drifted: {', '.join(self.drifted_critical_sensors)}")
         if self.untested:
@@ -325,6 +349,16 @@ def _check_feature(
     )
 
 
+def _percentile(alpha: float) -> str:
+    """'99th percentile' for alpha 0.01, '97.5 percentile' for 0.025."""
+    label = f"{round(100 * (1 - alpha), 2):g}"
+    if not label.isdigit():
+        return f"{label} percentile"
+    n = int(label)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{label}{suffix} percentile"
+
+
 def _reason(
     drifted: bool,
     share: float,
@@ -334,12 +368,25 @@ def _reason(
     critical: list[str],
     untested: list[str],
     missing_critical: list[str],
+    calibration: DriftCalibration | None = None,
 ) -> str:
-    share_part = (
-        f"{n_drifted} of {n_tested} sensors drifted (share {share:.3f} "
-        f"{'>=' if share >= policy.drift_share else '<'} {policy.drift_share:.3f})"
-    )
-    if critical and share >= policy.drift_share:
+    counted = f"{n_drifted} of {n_tested} sensors drifted"
+    if calibration is None or not calibration.draws:
+        over = share >= policy.drift_share
+        share_part = f"{counted} (share {share:.3f} {'>=' if over else '<'} {policy.drift_share:.3f})"
+        if calibration is not None:
+            share_part += (
+                f" by the fixed share rule: the reference's {calibration.reference_rows} wafers are too few to "
+                f"calibrate windows of {calibration.window_rows} (it needs {MIN_REFERENCE_WINDOWS} windows' worth)"
+            )
+    else:
+        over = share > calibration.threshold
+        share_part = (
+            f"{counted} (share {share:.3f}) {'>' if over else 'vs'} {calibration.threshold:.3f} at the reference's "
+            f"own {_percentile(calibration.alpha)} ({calibration.draws} draws of {calibration.pseudo_window_rows} "
+            f"wafers): {'alarm' if over else 'no alarm'}"
+        )
+    if critical and over:
         text = f"Dataset drift: {share_part}; critical sensors drifted: {', '.join(critical)}."
     elif critical:
         text = f"Dataset drift: critical sensors drifted: {', '.join(critical)} ({share_part})."
@@ -348,6 +395,11 @@ def _reason(
     else:
         text = f"No dataset drift: {share_part}"
         text += "; no critical sensor drifted." if policy.critical_sensors else "."
+    if calibration is not None and calibration.draws and calibration.rank > calibration.draws:
+        text += (
+            f" {calibration.draws} draws are too few for alpha={calibration.alpha:g}: "
+            "only critical sensors can alarm."
+        )
     if untested:
         text += f" {len(untested)} sensors not tested (too few values or unsupported type)."
     if missing_critical:
@@ -370,11 +422,20 @@ def check_drift(
     current: pd.DataFrame,
     policy: DriftPolicy,
     features: list[str] | None = None,
+    *,
+    calibration: DriftCalibration | None = None,
 ) -> DriftResult:
     """Per-sensor drift with Evidently's stattests, and the dataset verdict under ``policy``.
 
     ``features=None`` checks the columns ``DataDriftPreset`` would (num/cat/text in
     the window); a given list is checked as is and must exist in both frames.
+
+    ``alarm_rule='share'``: dataset drift when the drifted share is >= ``drift_share``
+    (Evidently's rule). ``'calibrated'``: when it is > the reference's own null quantile
+    (:mod:`fabloop.core.calibration`); pass ``calibration`` (from
+    :func:`~fabloop.core.calibration.calibrate_drift` for this reference, window size,
+    features and policy) to skip computing it. Either way a drifted critical sensor is
+    dataset drift on its own.
     """
     _require_frame(reference, "reference")
     _require_frame(current, "current")
@@ -392,7 +453,7 @@ def check_drift(
         return _no_verdict(
             "window_too_small",
             f"No verdict: the window has {len(current)} wafers, the policy needs at least {policy.min_window_rows}.",
-            untested=chosen, features=[], common=common,
+            untested=chosen, features=[], common={**common, "alarm_rule": policy.alarm_rule},
         )
 
     options = _evidently_options(policy)
@@ -405,14 +466,29 @@ def check_drift(
         return _no_verdict(
             "no_testable_features",
             f"No verdict: none of the {len(chosen)} sensors has enough finite values to test.",
-            untested=untested, features=results, common=common,
+            untested=untested, features=results, common={**common, "alarm_rule": policy.alarm_rule},
         )
     share = n_drifted / len(tested)
-    drifted = share >= policy.drift_share or bool(critical)  # Evidently: share >= drift_share
+    rule: dict[str, Any] = {"alarm_rule": policy.alarm_rule}
+    if policy.alarm_rule == "calibrated":
+        calibration = _calibration_for(reference, policy, len(current), chosen, calibration)
+    if policy.alarm_rule == "calibrated" and calibration is not None and calibration.draws:
+        drifted = share > calibration.threshold or bool(critical)
+        rule |= {
+            "threshold_share": calibration.threshold,
+            "alpha": calibration.alpha,
+            "calibration_draws": calibration.draws,
+            "calibration_window_rows": calibration.pseudo_window_rows,
+        }
+    else:  # the 'share' rule, or a reference too small to calibrate (said in the reason)
+        drifted = share >= policy.drift_share or bool(critical)  # Evidently: share >= drift_share
+        rule |= {"threshold_share": policy.drift_share, "alarm_rule": "share"}
     return DriftResult(
         status="ok",
         drifted=drifted,
-        reason=_reason(drifted, share, policy, n_drifted, len(tested), critical, untested, missing_critical),
+        reason=_reason(
+            drifted, share, policy, n_drifted, len(tested), critical, untested, missing_critical, calibration
+        ),
         share=share,
         n_tested=len(tested),
         n_drifted=n_drifted,
@@ -420,7 +496,29 @@ def check_drift(
         untested=untested,
         features=results,
         **common,
+        **rule,
     )
+
+
+def _calibration_for(
+    reference: pd.DataFrame,
+    policy: DriftPolicy,
+    window_rows: int,
+    features: list[str],
+    given: DriftCalibration | None,
+) -> DriftCalibration:
+    """The given calibration if it was made for this reference, window size and policy; else a fresh one."""
+    from fabloop.core.calibration import calibrate_drift, calibration_fingerprint
+
+    if given is None:
+        return calibrate_drift(reference, policy, window_rows, features)
+    expected = calibration_fingerprint(reference, policy, window_rows, features, given.method)
+    if given.fingerprint != expected:
+        raise ValueError(
+            f"calibration {given.fingerprint} was made for another reference, window size ({given.window_rows} "
+            f"wafers), feature list or policy than this check ({window_rows} wafers, fingerprint {expected})"
+        )
+    return given
 
 
 def drift_report_html(
@@ -467,7 +565,13 @@ def drift_report_html(
 
 
 class PerformanceDriftResult(BaseModel):
-    """The champion's ranking and calibration on the window's labelled wafers vs its reference."""
+    """The champion's ranking and calibration on the window's labelled wafers vs its reference.
+
+    Each figure comes with its uncertainty: an ROC-AUC on a dozen failing wafers
+    moves by several points between two samples of the same process, so a drop is a
+    breach only when it is both significant (``performance_alpha``) and larger than
+    the tolerance.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -485,6 +589,17 @@ class PerformanceDriftResult(BaseModel):
     breached: bool
     breaches: list[Literal["roc_auc", "fail_rate"]]
     reason: str
+    roc_auc_ci: tuple[float, float] | None = Field(default=None, description="95 % DeLong interval of the window AUC.")
+    auc_p_value: float | None = Field(
+        default=None, description="One-sided p-value of the drop (window DeLong + reference variance)."
+    )
+    reference_n_fail: int | None = None
+    reference_se: float | None = Field(default=None, description="Standard error of the reference AUC, if known.")
+    fail_rate_ci: tuple[float, float] | None = Field(default=None, description="95 % Wilson interval.")
+    fail_rate_p_value: float | None = Field(
+        default=None, description="One-sided binomial p-value of more fails than predicted."
+    )
+    auc_verdict: Literal["breach", "no_breach", "no_verdict"] = "no_verdict"
 
 
 def _as_float_array(values: Any, name: str) -> np.ndarray:
@@ -497,6 +612,19 @@ def _as_float_array(values: Any, name: str) -> np.ndarray:
     return np.asarray(arr, dtype=float)
 
 
+def _reference_variance(
+    reference_auc: float, reference_var: float | None, reference_n_fail: int | None, reference_n_pass: int | None
+) -> tuple[float, str]:
+    """The reference AUC's variance (logged DeLong, else Hanley-McNeil from its counts, else 0) and its source."""
+    from fabloop.core.stats import hanley_mcneil_var
+
+    if reference_var is not None and math.isfinite(reference_var) and reference_var >= 0:
+        return float(reference_var), "delong"
+    if reference_n_fail and reference_n_pass:
+        return hanley_mcneil_var(reference_auc, reference_n_fail, reference_n_pass), "hanley-mcneil"
+    return 0.0, "unknown"
+
+
 def performance_drift(
     y_true: Sequence[float | int | bool | None] | np.ndarray | pd.Series,
     y_score: Sequence[float] | np.ndarray | pd.Series,
@@ -504,16 +632,28 @@ def performance_drift(
     reference_fail_rate: float,
     policy: DriftPolicy,
     score_bias: float = 0.0,
+    *,
+    reference_var: float | None = None,
+    reference_n_fail: int | None = None,
+    reference_n_pass: int | None = None,
 ) -> PerformanceDriftResult:
     """Compare the champion on the window's labelled wafers with its reference figures.
 
     ``y_true`` is 1 for a failing wafer, 0 for a passing one and None/NaN while the
     wafer has no test result yet; ``y_score`` is the predicted fail probability for
-    every wafer. A breach is an AUC drop beyond ``roc_auc_drop_tolerance`` or an
-    observed fail rate more than ``fail_rate_tolerance`` above the predicted one: more
-    wafers failing than the model expects is a yield excursion it misses. Fewer fails
-    than predicted is not a breach: it is the normal state of a fab between
-    excursions, and the fail rate wanders with chamber age and maintenance.
+    every wafer.
+
+    ROC-AUC: with fewer than ``min_failing_wafers`` fails (or passes) there is no
+    verdict, never a breach. Otherwise the drop from the reference is tested with the
+    window's DeLong variance plus the reference's own (``reference_var``, its logged
+    DeLong variance; else Hanley-McNeil from ``reference_n_fail``/``reference_n_pass``;
+    else the reference is taken as exact and the reason says so). A breach needs the
+    drop significant at ``performance_alpha`` *and* beyond ``roc_auc_drop_tolerance``.
+
+    Fail rate: a one-sided binomial test of the observed fails against the predicted
+    rate; a breach needs it significant and the gap beyond ``fail_rate_tolerance``.
+    More wafers failing than the model expects is a yield excursion it misses; fewer
+    is the normal state of a fab between excursions, never a breach.
 
     ``score_bias`` is the model's mean score minus the true fail rate on its own
     holdout: a model trained with ``scale_pos_weight`` ranks wafers well but
@@ -538,12 +678,13 @@ def performance_drift(
 
     t, s = truth[labelled].astype(int), score[labelled]
     n_labelled, n_failing = len(t), int(t.sum())
-    common = {
+    common: dict[str, Any] = {
         "n_wafers": len(truth),
         "n_labelled": n_labelled,
         "n_failing": n_failing,
         "reference_auc": float(reference_auc),
         "reference_fail_rate": float(reference_fail_rate),
+        "reference_n_fail": reference_n_fail,
     }
     if n_labelled < policy.min_labelled_wafers:
         note = f"{n_labelled} labelled wafers, the policy needs at least {policy.min_labelled_wafers}"
@@ -559,49 +700,76 @@ def performance_drift(
             reason=f"No performance verdict: {note}.",
             **common,
         )
+    # Lazy: SciPy takes seconds to import, and a drift check without labelled wafers never needs it.
+    from fabloop.core.stats import auc_drop_p, binomial_excess_p, delong_auc, fmt_p, proportion_ci
 
+    alpha = policy.performance_alpha
     observed = n_failing / n_labelled
     predicted = float(np.clip(s.mean() - score_bias, 0.0, 1.0))
     gap = observed - predicted
     breaches: list[Literal["roc_auc", "fail_rate"]] = []
     parts: list[str] = []
+    auc_fields: dict[str, Any] = {"roc_auc": None, "auc_drop": None}
+    auc_verdict: Literal["breach", "no_breach", "no_verdict"] = "no_verdict"
 
     if n_failing in (0, n_labelled):
-        roc_auc = auc_drop = None
         kind = "failing" if n_failing else "passing"
         auc_note = f"ROC-AUC undefined: all {n_labelled} labelled wafers are {kind}"
         parts.append(auc_note)
     elif min(n_failing, n_labelled - n_failing) < policy.min_failing_wafers:
-        roc_auc = auc_drop = None
         auc_note = (
             f"no ROC-AUC verdict: {n_failing} failing / {n_labelled - n_failing} passing wafers, "
             f"the policy needs {policy.min_failing_wafers} of each"
         )
         parts.append(auc_note)
     else:
-        # Lazy: scikit-learn (through SciPy) takes seconds to import, and a drift check
-        # without labelled wafers, or without a champion, never needs it.
-        from sklearn.metrics import roc_auc_score
-
-        roc_auc = float(roc_auc_score(t, s))
-        auc_drop = reference_auc - roc_auc
         auc_note = None
-        if auc_drop > policy.roc_auc_drop_tolerance:
+        window = delong_auc(t, s)
+        ref_var, ref_source = _reference_variance(reference_auc, reference_var, reference_n_fail, reference_n_pass)
+        drop = reference_auc - window.auc
+        p = auc_drop_p(window, reference_auc, ref_var)
+        lo, hi = window.ci(0.05)
+        significant, beyond = p < alpha, drop > policy.roc_auc_drop_tolerance
+        auc_verdict = "breach" if significant and beyond else "no_breach"
+        if auc_verdict == "breach":
             breaches.append("roc_auc")
+        ref_on = f" on {reference_n_fail} fails" if reference_n_fail else ""
+        ref_note = "" if ref_source != "unknown" else " (reference uncertainty unknown: taken as exact)"
+        if significant and beyond:
+            judged = f"significant at α = {alpha:g} and beyond the tolerance {policy.roc_auc_drop_tolerance:.3f}"
+        elif significant:
+            judged = f"significant, but within the tolerance {policy.roc_auc_drop_tolerance:.3f}"
+        elif beyond:
+            judged = (f"beyond the tolerance {policy.roc_auc_drop_tolerance:.3f} but not significant at "
+                      f"α = {alpha:g}: within sampling noise")
+        else:
+            judged = f"not significant at α = {alpha:g}"
         parts.append(
-            f"ROC-AUC {roc_auc:.3f} vs reference {reference_auc:.3f} (drop {auc_drop:+.3f}, "
-            f"tolerance {policy.roc_auc_drop_tolerance:.3f})"
+            f"ROC-AUC {window.auc:.3f} (95% CI {lo:.2f}–{hi:.2f}) on {n_failing} fails vs reference "
+            f"{reference_auc:.3f}{ref_on}{ref_note}: drop {drop:+.3f}, {fmt_p(p)}, {judged}"
         )
-    if gap > policy.fail_rate_tolerance:
+        auc_fields = {"roc_auc": window.auc, "auc_drop": drop, "roc_auc_ci": (lo, hi), "auc_p_value": p,
+                      "reference_se": math.sqrt(ref_var) if ref_source != "unknown" else None}
+
+    rate_p = binomial_excess_p(n_failing, n_labelled, predicted)
+    rate_lo, rate_hi = proportion_ci(n_failing, n_labelled, 0.05)
+    rate_significant, rate_beyond = rate_p < alpha, gap > policy.fail_rate_tolerance
+    if rate_significant and rate_beyond:
         breaches.append("fail_rate")
+        rate_judged = f"significant at α = {alpha:g} and beyond the tolerance {policy.fail_rate_tolerance:.3f}"
+    elif gap <= 0:
+        rate_judged = "no more fails than predicted"
+    elif rate_significant:
+        rate_judged = f"significant, but within the tolerance {policy.fail_rate_tolerance:.3f}"
+    else:
+        rate_judged = f"not significant at α = {alpha:g}"
     parts.append(
-        f"fail rate observed {observed:.3f} vs predicted {predicted:.3f} (gap {gap:+.3f}, "
-        f"tolerance {policy.fail_rate_tolerance:.3f}; reference {reference_fail_rate:.3f})"
+        f"fail rate {observed:.3f} ({n_failing}/{n_labelled}, 95% CI {rate_lo:.3f}–{rate_hi:.3f}) vs predicted "
+        f"{predicted:.3f} (reference {reference_fail_rate:.3f}): gap {gap:+.3f}, {fmt_p(rate_p)}, {rate_judged}"
     )
     head = f"Performance breach ({', '.join(breaches)})" if breaches else "No performance breach"
     return PerformanceDriftResult(
-        roc_auc=roc_auc,
-        auc_drop=auc_drop,
+        **auc_fields,
         auc_note=auc_note,
         observed_fail_rate=observed,
         predicted_fail_rate=predicted,
@@ -609,5 +777,8 @@ def performance_drift(
         breached=bool(breaches),
         breaches=breaches,
         reason=f"{head} on {n_labelled} labelled wafers: " + "; ".join(parts) + ".",
+        fail_rate_ci=(rate_lo, rate_hi),
+        fail_rate_p_value=rate_p,
+        auc_verdict=auc_verdict,
         **common,
     )

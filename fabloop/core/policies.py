@@ -32,6 +32,8 @@ def _check_stattest_name(name: str, where: str) -> str:
 
 # --------------------------------------------------------------------------- drift
 
+AlarmRule = Literal["calibrated", "share"]
+
 class _PolicyFields(BaseModel):
     """Validation shared by the policy and its per-model partial overrides."""
 
@@ -63,6 +65,10 @@ class DriftPolicyOverride(_PolicyFields):
     per_feature_stattest: dict[str, str] | None = None
     per_feature_threshold: dict[str, float] | None = None
     drift_share: float | None = Field(default=None, gt=0, le=1)
+    alarm_rule: AlarmRule | None = None
+    alpha: float | None = Field(default=None, gt=0, lt=0.5)
+    calibration_draws: int | None = Field(default=None, ge=20)
+    performance_alpha: float | None = Field(default=None, gt=0, lt=0.5)
     critical_sensors: list[str] | None = None
     min_window_rows: int | None = Field(default=None, ge=1)
     min_feature_values: int | None = Field(default=None, ge=1)
@@ -91,7 +97,26 @@ class DriftPolicy(_PolicyFields):
     per_feature_stattest: dict[str, str] = Field(default_factory=dict)
     per_feature_threshold: dict[str, float] = Field(default_factory=dict)
     drift_share: float = Field(
-        default=0.5, gt=0, le=1, description="Dataset drift when the share of drifted sensors is >= this."
+        default=0.5, gt=0, le=1,
+        description="alarm_rule='share' only: dataset drift when the share of drifted sensors is >= this.",
+    )
+    alarm_rule: AlarmRule = Field(
+        default="calibrated",
+        description=(
+            "'calibrated': the window alarms when its share of drifted sensors exceeds the (1 - alpha) quantile "
+            "of that share between sub-samples of the reference itself; 'share': Evidently's fixed drift_share."
+        ),
+    )
+    alpha: float = Field(
+        default=0.01, gt=0, lt=0.5,
+        description="False-alarm probability per window that the calibrated data-drift rule is set to.",
+    )
+    calibration_draws: int = Field(
+        default=200, ge=20, description="Reference sub-samples drawn to calibrate the data-drift rule."
+    )
+    performance_alpha: float = Field(
+        default=0.01, gt=0, lt=0.5,
+        description="Significance level of the ROC-AUC drop and fail-rate tests on a window's labelled wafers.",
     )
     critical_sensors: list[str] = Field(
         default_factory=list, description="Any of these drifting is dataset drift on its own."
@@ -167,9 +192,18 @@ class RetrainPolicy(BaseModel):
     )
     # --- data gate -----------------------------------------------------------------
     min_rows: int = Field(200, ge=10)
-    max_missing_share: float = Field(0.5, ge=0, le=1, description="Per feature.")
+    max_missing_share: float = Field(
+        0.5, ge=0, le=1, description="A sensor missing on more than this share of the wafers: see missing_action."
+    )
     missing_action: Literal["fail", "drop"] = Field(
-        "fail", description="'fail' refuses the set; 'drop' removes the feature and lists it."
+        "drop",
+        description="'drop' removes a sensor missing more than max_missing_share and lists it; 'fail' refuses the set.",
+    )
+    max_dropped_share: float = Field(
+        0.5, ge=0, le=1,
+        description=(
+            "Refuse the set when more than this share of its sensors would be dropped (dead, mostly missing, constant)."
+        ),
     )
     min_class_count: int = Field(10, ge=1, description="Minimum wafers of each class.")
     # --- split -----------------------------------------------------------------------
@@ -181,12 +215,29 @@ class RetrainPolicy(BaseModel):
     )
     threshold: float | None = Field(None, description="Fixed score threshold instead.")
     # --- challenger vs champion gate ---------------------------------------------------
-    min_roc_auc: float = Field(0.7, ge=0, le=1, description="Absolute floor on holdout ROC-AUC.")
+    min_roc_auc: float = Field(
+        0.7, ge=0, le=1,
+        description=(
+            "Floor on the challenger's ROC-AUC: on the holdout (which must also beat chance at gate_alpha), or on "
+            "its CV estimate when the holdout holds fewer than min_holdout_fails fails."
+        ),
+    )
     max_regression: float = Field(
-        0.01, ge=0, description="Largest holdout ROC-AUC drop vs champion that is tolerated."
+        0.01, ge=0,
+        description="Largest ROC-AUC drop vs champion tolerated (paired holdout difference, or CV vs recorded CV).",
     )
     required_gain: float = Field(
-        0.0, ge=0, description="Holdout ROC-AUC gain over champion needed to promote."
+        0.0, ge=0,
+        description="ROC-AUC gain over champion needed to promote; on the holdout it must also be significant.",
+    )
+    min_holdout_fails: int = Field(
+        10, ge=1,
+        description=(
+            "Fewer failing wafers in the holdout: the gate judges on the time-series CV estimates, and says so."
+        ),
+    )
+    gate_alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="Confidence intervals (1 - gate_alpha) and paired tests of the challenger gate."
     )
     seed: int = 42
 

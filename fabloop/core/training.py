@@ -33,19 +33,57 @@ class DataGateError(ValueError):
 
 
 class GateReport(BaseModel):
-    """What the gate saw and which features survive into training."""
+    """What the gate saw, which sensors survive into training, and which were dropped and why."""
 
     n_rows: int
     n_fail: int
     n_pass: int
     fail_rate: float
     label_col: str
+    n_sensors: int = Field(description="Sensors offered to the gate, dropped ones included.")
     features: list[str] = Field(description="Features to train on, in input order.")
     dropped_constant: list[str] = Field(default_factory=list)
     dropped_missing: dict[str, float] = Field(
-        default_factory=dict, description="Feature -> missing share (missing_action='drop')."
+        default_factory=dict,
+        description="Sensor -> missing share, for each missing on more than the policy's max_missing_share "
+        "of the wafers (1.0: dead, never read).",
     )
     max_missing_share: float = Field(description="Worst missing share among kept features.")
+    missing_limit: float = Field(description="The policy's max_missing_share the gate applied.")
+
+    @property
+    def dead(self) -> list[str]:
+        """Sensors without a single reading in the training set."""
+        return [c for c, share in self.dropped_missing.items() if share >= 1.0]
+
+    @property
+    def n_dropped(self) -> int:
+        return len(self.dropped_missing) + len(self.dropped_constant)
+
+    def dropped(self) -> dict[str, str]:
+        """Each dropped sensor and why, in words: what an engineer checks the feed of."""
+        why = {
+            c: "dead: no reading on any wafer" if share >= 1.0
+            else f"mostly missing: {share:.0%} of wafers > max_missing_share {self.missing_limit:.0%}"
+            for c, share in self.dropped_missing.items()
+        }
+        why.update({c: "constant: the same value on every wafer that reads it" for c in self.dropped_constant})
+        return why
+
+    def dropped_summary(self) -> str:
+        """One line: how many sensors were dropped, of how many, and of which kind."""
+        dead = len(self.dead)
+        return (
+            f"{self.n_dropped} of {self.n_sensors} sensors dropped: {dead} dead, "
+            f"{len(self.dropped_missing) - dead} mostly missing, {len(self.dropped_constant)} constant"
+        )
+
+    def dropped_markdown(self) -> str:
+        """The dropped sensors as a Markdown section (empty when none was dropped)."""
+        if not self.n_dropped:
+            return ""
+        rows = "\n".join(f"| `{c}` | {why} |" for c, why in self.dropped().items())
+        return f"### Sensors not trained on\n\n{self.dropped_summary()}.\n\n| sensor | why |\n|---|---|\n{rows}\n"
 
 
 def _names(cols: Sequence[str], limit: int = 10) -> str:
@@ -66,8 +104,11 @@ def gate_training_set(
     Raises :class:`DataGateError` for: missing/unexpected columns, non-numeric or
     infinite features, a label that is missing or not 0/1, too few rows, a class with
     fewer than ``policy.min_class_count`` wafers, and features missing more than
-    ``policy.max_missing_share`` (unless ``missing_action='drop'``). Constant features
-    carry no information, so they are dropped and listed, not an error.
+    ``policy.max_missing_share`` when ``missing_action='fail'``. By default (``'drop'``)
+    dead and mostly-missing sensors are dropped and listed, as constant ones always
+    are: real FDC exports carry many of both. The cap ``policy.max_dropped_share``
+    refuses a set that would lose more than that share of its sensors, which is a
+    broken feed rather than a few dead channels.
     """
     feature_cols = list(feature_cols)
     if len(set(feature_cols)) != len(feature_cols):
@@ -123,7 +164,10 @@ def gate_training_set(
         raise DataGateError(f"infinite values in features: {', '.join(bad_inf)}")
 
     missing_share = numeric.isna().mean()
-    too_missing = missing_share[missing_share > policy.max_missing_share].sort_values(ascending=False)
+    # Worst first; stable, so sensors missing alike keep their input order.
+    too_missing = missing_share[missing_share > policy.max_missing_share].sort_values(
+        ascending=False, kind="mergesort"
+    )
     dropped_missing: dict[str, float] = {}
     if len(too_missing):
         if policy.missing_action == "fail":
@@ -139,6 +183,15 @@ def gate_training_set(
     nunique = numeric[candidates].nunique(dropna=True)
     dropped_constant = [c for c in candidates if nunique[c] <= 1]
     kept = [c for c in candidates if c not in set(dropped_constant)]
+    n_dropped = len(dropped_missing) + len(dropped_constant)
+    if n_dropped > policy.max_dropped_share * len(feature_cols):
+        dead = [c for c, s in dropped_missing.items() if s >= 1.0]
+        raise DataGateError(
+            f"{n_dropped} of {len(feature_cols)} sensors ({n_dropped / len(feature_cols):.0%}) would be dropped, "
+            f"more than max_dropped_share={policy.max_dropped_share:.0%} of the RetrainPolicy: "
+            f"{len(dead)} dead, {len(dropped_missing) - len(dead)} mostly missing, "
+            f"{len(dropped_constant)} constant ({_names([*dropped_missing, *dropped_constant])})"
+        )
     if not kept:
         raise DataGateError(
             f"no usable features left: {len(dropped_constant)} constant, {len(dropped_missing)} mostly missing"
@@ -149,10 +202,12 @@ def gate_training_set(
         n_pass=n_pass,
         fail_rate=n_fail / n_rows,
         label_col=label_col,
+        n_sensors=len(feature_cols),
         features=kept,
         dropped_constant=dropped_constant,
         dropped_missing=dropped_missing,
         max_missing_share=float(missing_share[kept].max()),
+        missing_limit=policy.max_missing_share,
     )
 
 
@@ -252,10 +307,14 @@ def _threshold_for_recall(y_true: np.ndarray, y_score: np.ndarray, target: float
 
 def holdout_metrics(y_true: Sequence[int] | np.ndarray, y_score: Sequence[float] | np.ndarray,
                     policy: RetrainPolicy) -> dict[str, float]:
-    """ROC-AUC, PR-AUC and recall/precision at the policy's operating point (fail = 1).
+    """ROC-AUC, PR-AUC and recall/precision at the policy's operating point (fail = 1), with their uncertainty.
 
     PR-AUC (average precision) is reported because with ~1 fail in 15 ROC-AUC alone
-    hides how many good wafers an alarm would scrap per caught fail.
+    hides how many good wafers an alarm would scrap per caught fail. Each metric
+    comes with its (1 - ``gate_alpha``) interval (``<metric>_ci_low``/``_ci_high``):
+    DeLong for ROC-AUC (its variance ``roc_auc_var`` is kept as the reference of
+    later performance checks, and ``roc_auc_p_chance`` tests it against 0.5), Wilson
+    for recall, precision and fail rate, a class-stratified bootstrap for PR-AUC.
     """
     y_true = np.asarray(y_true).astype(int)
     y_score = np.asarray(y_score, dtype=float)
@@ -271,7 +330,11 @@ def holdout_metrics(y_true: Sequence[int] | np.ndarray, y_score: Sequence[float]
         thr = _threshold_for_recall(y_true, y_score, float(policy.target_recall))
     alarm = y_score >= thr
     tp = int((alarm & (y_true == 1)).sum())
-    return {
+    from fabloop.core.stats import bootstrap_ci, delong_auc, proportion_ci
+
+    alpha = policy.gate_alpha
+    auc = delong_auc(y_true, y_score)
+    out = {
         "roc_auc": float(roc_auc_score(y_true, y_score)),
         "pr_auc": float(average_precision_score(y_true, y_score)),
         "recall_at_op": tp / n_fail,
@@ -280,4 +343,16 @@ def holdout_metrics(y_true: Sequence[int] | np.ndarray, y_score: Sequence[float]
         "fail_rate": n_fail / len(y_true),
         "n_rows": float(len(y_true)),
         "n_fail": float(n_fail),
+        "roc_auc_var": auc.var,
+        "roc_auc_p_chance": auc.p_above(0.5),
     }
+    intervals = {
+        "roc_auc": auc.ci(alpha),
+        "pr_auc": bootstrap_ci(y_true, y_score, average_precision_score, alpha, draws=200, seed=policy.seed),
+        "recall_at_op": proportion_ci(tp, n_fail, alpha),
+        "precision_at_op": proportion_ci(tp, int(alarm.sum()), alpha),
+        "fail_rate": proportion_ci(n_fail, len(y_true), alpha),
+    }
+    for name, (lo, hi) in intervals.items():
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = float(lo), float(hi)
+    return out

@@ -11,6 +11,7 @@ servers: the registry, the runs, the artifacts, the Prefect event feed, the stud
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -145,6 +146,8 @@ def test_holdout_metrics_model_dataset_and_plots_are_logged(stack: RunningStack,
     n_train, n_hold = int(params["split_train"]), int(params["split_holdout"])
     assert n_train + int(params["split_validation"]) + n_hold == 2000
     assert summary["challenger"]["n_rows"] == n_hold
+    # What the data gate left out of training: here nothing, every simulated sensor reads.
+    assert (params["sensors"], params["dropped_dead"], params["dropped_missing"]) == ("30", "0", "0")
 
     # The model: signature and input example, loadable from the registry and able to score.
     uri = f"models:/{model}/{summary['version']}"
@@ -173,7 +176,10 @@ def test_holdout_metrics_model_dataset_and_plots_are_logged(stack: RunningStack,
 
     # The feature-importance plot and the drift reference.
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"feature_importance.png", "reference", "features.json"} <= artifacts
+    assert {"feature_importance.png", "reference", "features.json", "data_gate.json"} <= artifacts
+    listed = json.loads(Path(client.download_artifacts(run.info.run_id, "data_gate.json")).read_text())
+    assert listed["summary"] == "0 of 30 sensors dropped: 0 dead, 0 mostly missing, 0 constant", listed
+    assert listed["dropped"] == {} and summary["dropped_missing"] == {}
     png = client.download_artifacts(run.info.run_id, "feature_importance.png")
     with open(png, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -227,25 +233,32 @@ def test_every_trial_is_a_nested_run_and_the_study_lives_in_the_store(stack: Run
 
 
 @pytest.mark.parametrize(
-    ("key", "reason", "field"),
+    ("key", "policy", "reason", "field"),
     [
-        ("NAN", f"'{MISSING_SENSOR}' 95% missing", "max_missing_share"),
-        ("ONE", "class fail (1) has 0 rows < min_class_count=10 (fail=0, pass=400)", "min_class_count"),
-        ("FEW", "too few rows: 120 < min_rows=200", "min_rows"),
+        # missing_action="fail" (the default drops the sensor): a sensor over the missing limit refuses the set.
+        ("NAN", {"missing_action": "fail"}, f"'{MISSING_SENSOR}' 95% missing", "max_missing_share"),
+        # The default drops it, but not past the cap on dropped sensors.
+        ("NAN", {"max_dropped_share": 0.0},
+         f"1 of 30 sensors (3%) would be dropped, more than max_dropped_share=0% of the RetrainPolicy: "
+         f"0 dead, 1 mostly missing, 0 constant ('{MISSING_SENSOR}')", "max_dropped_share"),
+        ("ONE", {}, "class fail (1) has 0 rows < min_class_count=10 (fail=0, pass=400)", "min_class_count"),
+        ("FEW", {}, "too few rows: 120 < min_rows=200", "min_rows"),
     ],
-    ids=["feature-95pct-missing", "one-class", "too-few-rows"],
+    ids=["feature-95pct-missing", "dropped-sensors-over-the-cap", "one-class", "too-few-rows"],
 )
 def test_a_failed_data_gate_names_the_reason_and_registers_nothing(
-    stack: RunningStack, fab: Fab, key: str, reason: str, field: str
+    stack: RunningStack, fab: Fab, key: str, policy: dict[str, Any], reason: str, field: str
 ) -> None:
     model = fab.models[key]
     since = datetime.now(UTC)
-    policy_block = save_retrain_policy()
+    policy_block = save_retrain_policy(**policy)
     state = retrain(model=model, reasons=["manual"], policy_block=policy_block, catalog_block=fab.catalog,
                     promotion="off", return_state=True)
     # A refusal is a decision, not a crash: the run completes, in a state named for it.
     assert state.is_completed() and state.name == "Refused", state
     assert reason in (state.message or ""), state.message
+    # The state itself says which block and field to change, for whoever reads only the run list.
+    assert f"to change: fabloop RetrainPolicy block {policy_block!r}, field policy.{field}" in (state.message or "")
     assert reason in state.result()["refused"]
     # Its artifact says what to change: which block, which field.
     [artifact] = [a for a in artifacts_of(stack, str(state.state_details.flow_run_id)) if a["type"] == "markdown"]

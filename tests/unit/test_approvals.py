@@ -76,6 +76,28 @@ def test_metrics_table_compares_champion_and_challenger() -> None:
     assert metrics_table({}, None, "1").startswith("_No holdout metrics")
 
 
+def test_metrics_table_shows_intervals_and_the_paired_test() -> None:
+    champ = {"roc_auc": 0.80, "roc_auc_ci_low": 0.71, "roc_auc_ci_high": 0.89, "roc_auc_var": 0.002,
+             "roc_auc_p_chance": 1e-6, "n_fail": 21.0, "n_rows": 300.0}
+    chall = {"roc_auc": 0.85, "roc_auc_ci_low": 0.78, "roc_auc_ci_high": 0.92, "roc_auc_var": 0.0015,
+             "roc_auc_p_chance": 1e-8, "n_fail": 21.0, "n_rows": 300.0}
+    paired = {"roc_auc_diff": 0.05, "roc_auc_diff_ci_low": -0.01, "roc_auc_diff_ci_high": 0.11,
+              "roc_auc_diff_p": 0.09, "n_fail": 21.0, "n_rows": 300.0,
+              "pr_auc_diff": 0.04, "pr_auc_diff_ci_low": -0.05, "pr_auc_diff_ci_high": 0.12, "pr_auc_diff_p": 0.4}
+    champ |= {"pr_auc": 0.41, "pr_auc_ci_low": 0.3, "pr_auc_ci_high": 0.52}
+    chall |= {"pr_auc": 0.45, "pr_auc_ci_low": 0.33, "pr_auc_ci_high": 0.56}
+    table = metrics_table({"champion": champ, "challenger": chall, "paired": paired, "cv": {"challenger": 0.83}},
+                          champion="3", challenger="4")
+    lines = table.splitlines()
+    assert "| roc_auc | 0.8000 [0.71, 0.89] | 0.8500 [0.78, 0.92] | +0.0500 [-0.010, +0.110], p = 0.090 |" in lines
+    assert "| pr_auc | 0.4100 [0.30, 0.52] | 0.4500 [0.33, 0.56] | +0.0400 [-0.050, +0.120], p = 0.400 |" in lines
+    assert "| n_fail | 21 | 21 | +0 |" in lines
+    assert "| roc_auc better than chance | p < 0.001 | p < 0.001 | |" in lines
+    assert "| cv_roc_auc (time-series CV) | — | 0.8300 | — |" in lines
+    assert not any(line.startswith(("| roc_auc_ci", "| roc_auc_var")) for line in lines)  # folded into their metric
+    assert "paired DeLong test on the same 21 failing wafers of 300" in table
+
+
 def test_decision_page_for_a_first_champion_links_everything() -> None:
     page = decision_markdown(
         model="yield-ETCH-02", challenger="1", champion=None, reasons=["performance: ROC-AUC 0.71 < 0.78"],

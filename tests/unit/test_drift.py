@@ -13,7 +13,9 @@ from evidently.presets import DataDriftPreset
 from fabloop.core.drift import check_drift, drift_report_html, performance_drift
 from fabloop.core.policies import DriftPolicy, DriftPolicyOverride
 
-LOOSE = DriftPolicy(min_window_rows=1)
+# The fixed-share rule (Evidently's drift_share) these parity tests compare against; the calibrated
+# default is tested in test_drift_calibration.py.
+LOOSE = DriftPolicy(min_window_rows=1, alarm_rule="share")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -165,8 +167,8 @@ def _one_drifted_of_four() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def test_drift_share_rule_is_greater_or_equal():
     ref, cur = _one_drifted_of_four()
-    at = check_drift(ref, cur, DriftPolicy(min_window_rows=1, drift_share=0.25))
-    above = check_drift(ref, cur, DriftPolicy(min_window_rows=1, drift_share=0.26))
+    at = check_drift(ref, cur, DriftPolicy(min_window_rows=1, alarm_rule="share", drift_share=0.25))
+    above = check_drift(ref, cur, DriftPolicy(min_window_rows=1, alarm_rule="share", drift_share=0.26))
     assert at.n_drifted == 1 and at.share == 0.25
     assert at.drifted and "Dataset drift" in at.reason
     assert not above.drifted and "No dataset drift" in above.reason
@@ -175,8 +177,9 @@ def test_drift_share_rule_is_greater_or_equal():
 def test_any_critical_sensor_drifting_is_dataset_drift():
     ref, cur = _one_drifted_of_four()
     plain = check_drift(ref, cur, LOOSE)
-    critical = check_drift(ref, cur, DriftPolicy(min_window_rows=1, critical_sensors=["rf_power", "flow"]))
-    calm_critical = check_drift(ref, cur, DriftPolicy(min_window_rows=1, critical_sensors=["flow"]))
+    share_rule = DriftPolicy(min_window_rows=1, alarm_rule="share")
+    critical = check_drift(ref, cur, share_rule.model_copy(update={"critical_sensors": ["rf_power", "flow"]}))
+    calm_critical = check_drift(ref, cur, share_rule.model_copy(update={"critical_sensors": ["flow"]}))
     assert not plain.drifted
     assert critical.drifted and critical.drifted_critical_sensors == ["rf_power"]
     assert "rf_power" in critical.reason and critical.feature("rf_power").critical
@@ -204,7 +207,9 @@ def test_sparse_and_non_numeric_sensors_get_a_status_not_a_crash():
     cur.loc[cur.index[5:], "flow"] = np.nan
     ref["recipe"] = [object()] * len(ref)
     cur["recipe"] = [object()] * len(cur)
-    result = check_drift(ref, cur, DriftPolicy(min_window_rows=1, drift_share=0.5), features=list(cur.columns))
+    result = check_drift(
+        ref, cur, DriftPolicy(min_window_rows=1, alarm_rule="share", drift_share=0.5), features=list(cur.columns)
+    )
     assert result.feature("temp").status == "insufficient_data" and result.feature("temp").n_current == 0
     assert result.feature("flow").status == "insufficient_data" and "5 in window" in result.feature("flow").detail
     assert result.feature("recipe").status == "unsupported_type"
@@ -360,3 +365,59 @@ def test_performance_needs_enough_labelled_wafers_and_valid_inputs():
         performance_drift([1, 0], [1.5, 0.5], 0.9, 0.1, DriftPolicy())
     with pytest.raises(ValueError, match="y_true has 2 wafers but y_score has 3"):
         performance_drift([1, 0], [0.5, 0.5, 0.5], 0.9, 0.1, DriftPolicy())
+
+
+def _etch01_like_window() -> tuple[np.ndarray, np.ndarray]:
+    """200 wafers, 13 fails, ROC-AUC about 0.9: the issue's quiet ETCH-01 window."""
+    passes = np.linspace(0.01, 0.5, 187)
+    at = np.array([0.6, 0.7, 0.78, 0.85, 0.9, 0.94, 0.97, 0.98, 0.99, 1.0, 1.0, 1.0, 1.0])
+    fails = np.quantile(passes, at) + 0.001
+    return np.r_[np.ones(13), np.zeros(187)], np.r_[fails, passes] * 0.2
+
+
+def test_an_auc_drop_inside_the_sampling_noise_is_no_breach():
+    y, s = _etch01_like_window()
+    result = performance_drift(y, s, reference_auc=0.961, reference_fail_rate=0.065, policy=DriftPolicy(),
+                               reference_n_fail=14, reference_n_pass=286)
+    assert result.roc_auc == pytest.approx(0.899, abs=0.01)
+    assert result.auc_drop > DriftPolicy().roc_auc_drop_tolerance  # the old rule breached here
+    assert not result.breached and result.auc_verdict == "no_breach"
+    assert 0.01 < result.auc_p_value < 0.5 and result.roc_auc_ci[0] < 0.85 < 0.95 < result.roc_auc_ci[1]
+    head = f"No performance breach on 200 labelled wafers: ROC-AUC {result.roc_auc:.3f} (95% CI"
+    assert result.reason.startswith(head)
+    assert "on 13 fails vs reference 0.961 on 14 fails" in result.reason
+    assert "not significant at α = 0.01" in result.reason
+    # A reference logged with its DeLong variance is used as it is.
+    logged = performance_drift(y, s, 0.961, 0.065, DriftPolicy(), reference_var=0.0004, reference_n_fail=14)
+    assert logged.reference_se == pytest.approx(0.02) and not logged.breached
+
+
+def test_a_significant_auc_drop_beyond_tolerance_breaches():
+    y, s = _scored_window(4, 1000, separation=1.0, fail_rate=0.1)  # ROC-AUC about 0.75 on ~100 fails
+    result = performance_drift(y, s, reference_auc=0.95, reference_fail_rate=0.1, policy=DriftPolicy(),
+                               reference_var=0.0002)
+    assert result.breaches == ["roc_auc"] and result.auc_verdict == "breach"
+    assert result.auc_p_value < 0.001 and "significant at α = 0.01 and beyond the tolerance" in result.reason
+    # The same drop with a wide tolerance is significant but accepted.
+    wide = performance_drift(y, s, 0.95, 0.1, DriftPolicy(roc_auc_drop_tolerance=0.3), reference_var=0.0002)
+    assert not wide.breached and "significant, but within the tolerance 0.300" in wide.reason
+
+
+def test_too_few_fails_gives_no_auc_verdict_never_a_breach():
+    y = np.r_[np.ones(5), np.zeros(195)]
+    s = np.r_[np.full(5, 0.01), np.full(195, 0.9)]  # ranks every fail last: AUC 0
+    result = performance_drift(y, s, reference_auc=0.95, reference_fail_rate=0.025, policy=DriftPolicy())
+    assert result.roc_auc is None and result.auc_verdict == "no_verdict" and "roc_auc" not in result.breaches
+    assert "no ROC-AUC verdict: 5 failing / 195 passing wafers" in result.reason
+
+
+def test_fail_rate_excess_needs_significance():
+    # 6 fails of 40 where 5 % are predicted: a 10-point gap, but p ≈ 0.05 on 40 wafers.
+    y = np.r_[np.ones(6), np.zeros(34)]
+    s = np.full(40, 0.05)
+    small = performance_drift(y, s, 0.9, 0.05, DriftPolicy(min_failing_wafers=10))
+    assert small.fail_rate_gap > 0.05 and "fail_rate" not in small.breaches
+    assert small.fail_rate_p_value > 0.01 and "fail rate 0.150 (6/40, 95% CI" in small.reason
+    # The same rate on 400 wafers is no longer noise.
+    big = performance_drift(np.tile(y, 10), np.tile(s, 10), 0.9, 0.05, DriftPolicy(min_failing_wafers=1000))
+    assert big.breaches == ["fail_rate"] and big.fail_rate_p_value < 1e-6

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from fabloop.core.policies import RetrainPolicy
 from fabloop.core.training import DataGateError, data_hash, gate_training_set, holdout_metrics, time_ordered_split
+from tests.helpers.secom_table import LABEL_COL, TIME_COL, SecomShape, secom_table
 
 FEATURES = [f"f{i}" for i in range(8)]
 
@@ -73,7 +74,7 @@ def test_mostly_missing_feature_is_named(policy):
     df = wafer_frame()
     df.loc[df.index[: int(0.95 * len(df))], "f6"] = np.nan
     with pytest.raises(DataGateError, match=r"'f6' 95% missing") as exc:
-        gate_training_set(df, "fail", FEATURES, policy)
+        gate_training_set(df, "fail", FEATURES, policy.model_copy(update={"missing_action": "fail"}))
     assert "'f1'" not in str(exc.value)
 
 
@@ -83,6 +84,95 @@ def test_mostly_missing_feature_can_be_dropped_instead(policy):
     report = gate_training_set(df, "fail", FEATURES, policy.model_copy(update={"missing_action": "drop"}))
     assert report.dropped_missing == {"f6": 0.95}
     assert "f6" not in report.features
+
+
+def test_dead_and_mostly_missing_sensors_are_dropped_and_listed_by_default():
+    df = wafer_frame()
+    df["f1"] = np.nan  # dead: never read
+    df.loc[df.index[:240], "f6"] = np.nan  # 80 % missing
+    df.loc[df.index[:90], "f3"] = np.nan  # 30 % missing: under the limit, kept
+    df["f4"] = 7.0  # constant
+    report = gate_training_set(df, "fail", FEATURES, RetrainPolicy(min_rows=100))
+    assert RetrainPolicy().missing_action == "drop"
+    assert report.features == ["f0", "f2", "f3", "f5", "f7"]
+    assert report.dropped_missing == {"f1": 1.0, "f6": 0.8}
+    assert report.dead == ["f1"] and report.dropped_constant == ["f4"]
+    assert report.n_sensors == 8 and report.n_dropped == 3
+    why = report.dropped()
+    assert why == {
+        "f1": "dead: no reading on any wafer",
+        "f6": "mostly missing: 80% of wafers > max_missing_share 50%",
+        "f4": "constant: the same value on every wafer that reads it",
+    }
+    assert report.dropped_summary() == "3 of 8 sensors dropped: 1 dead, 1 mostly missing, 1 constant"
+    section = report.dropped_markdown()
+    assert report.dropped_summary() in section
+    assert all(f"| `{c}` | {w} |" in section for c, w in why.items()), section
+    assert gate_training_set(wafer_frame(), "fail", FEATURES, RetrainPolicy(min_rows=100)).dropped_markdown() == ""
+
+
+def test_more_sensors_dropped_than_the_cap_is_refused_naming_the_field():
+    df = wafer_frame()
+    df[["f0", "f1", "f2"]] = np.nan  # three dead sensors
+    df.loc[df.index[:200], "f3"] = np.nan  # one mostly missing
+    df["f4"] = 0.0  # one constant: 5 of 8 would go
+    with pytest.raises(DataGateError) as exc:
+        gate_training_set(df, "fail", FEATURES, RetrainPolicy(min_rows=100))
+    assert str(exc.value).startswith(
+        "5 of 8 sensors (62%) would be dropped, more than max_dropped_share=50% of the RetrainPolicy: "
+        "3 dead, 1 mostly missing, 1 constant ('f0', 'f1', 'f2', 'f3', 'f4')"
+    ), exc.value
+    # At the cap exactly the set passes; a raised cap lets the rest through.
+    df["f4"] = np.random.default_rng(1).normal(size=len(df))
+    assert gate_training_set(df, "fail", FEATURES, RetrainPolicy(min_rows=100)).n_dropped == 4
+    df["f4"] = 0.0
+    report = gate_training_set(df, "fail", FEATURES, RetrainPolicy(min_rows=100, max_dropped_share=0.7))
+    assert report.features == ["f5", "f6", "f7"]
+
+
+def test_a_cap_refusal_names_the_block_and_the_field_to_change():
+    from fabloop.tasks.retraining import remedy_markdown, remedy_text
+
+    df = wafer_frame()
+    df[["f0", "f1", "f2", "f3", "f4"]] = np.nan
+    with pytest.raises(DataGateError) as exc:
+        gate_training_set(df, "fail", FEATURES, RetrainPolicy(min_rows=100))
+    reason = str(exc.value)
+    markdown = remedy_markdown(reason, "fab-7")
+    assert "`fabloop RetrainPolicy` block **`fab-7`**" in markdown
+    assert "field `policy.max_dropped_share`, `policy.max_missing_share`." in markdown, markdown
+    assert remedy_text(reason, "fab-7").startswith(
+        "to change: fabloop RetrainPolicy block 'fab-7', field policy.max_dropped_share, policy.max_missing_share ("
+    )
+    # A refusal no setting lifts sends the engineer to the data, still naming the block.
+    assert remedy_text("label column 'fail' has 3 missing values", "fab-7") == (
+        "to change: the data; no field of the fabloop RetrainPolicy block 'fab-7' lifts this limit"
+    )
+
+
+def test_a_secom_shaped_first_training_passes_the_default_gate_and_lists_the_dead_sensors():
+    """Hundreds of unnamed sensors, over a hundred constant, dozens dead in the first months, ~7 % fails."""
+    frame = secom_table(SecomShape(constant_sensors=120))
+    first = frame.iloc[:800].copy()  # the first export, as the replay test cuts it
+    constant, sparse = set(frame.attrs["constant"]), set(frame.attrs["sparse"])
+    sensors = [c for c in frame.columns if c not in (TIME_COL, LABEL_COL)]
+    spare = [c for c in sensors if c not in constant | sparse and int(c) not in SecomShape().informative]
+    dead = spare[:40]  # not read at all before the tool's FDC upgrade
+    first[dead] = np.nan
+    first["failed"] = (first.pop(LABEL_COL) == 1).astype(int)
+    first["ts"] = pd.to_datetime(first.pop(TIME_COL), format="%d/%m/%Y %H:%M:%S")
+
+    policy = RetrainPolicy()  # the defaults a new user gets
+    report = gate_training_set(first, "failed", sensors, policy)
+    assert 0.05 < report.fail_rate < 0.09 and report.n_sensors == 590
+    assert report.dead == dead
+    assert set(report.dropped_constant) == constant
+    assert report.dropped() == {
+        **{c: "dead: no reading on any wafer" for c in dead},
+        **{c: "constant: the same value on every wafer that reads it" for c in report.dropped_constant},
+    }
+    assert len(report.features) == 590 - 40 - 120 and sparse <= set(report.features)
+    time_ordered_split(first, "ts", policy, label_col="failed")  # and it splits into three labelled parts
 
 
 def test_too_few_rows_is_refused(policy):
@@ -222,3 +312,19 @@ def test_holdout_metrics_at_fixed_threshold_and_single_class():
     assert (m["recall_at_op"], m["precision_at_op"]) == (0.5, 0.5)
     with pytest.raises(DataGateError, match="single class"):
         holdout_metrics([0, 0, 0], [0.1, 0.2, 0.3], RetrainPolicy())
+
+
+def test_holdout_metrics_carry_their_uncertainty():
+    rng = np.random.default_rng(7)
+    y = (rng.random(300) < 0.08).astype(int)
+    s = 1 / (1 + np.exp(-(rng.normal(size=300) + 1.5 * y - 2)))
+    m = holdout_metrics(y, s, RetrainPolicy(gate_alpha=0.05))
+    for name in ("roc_auc", "pr_auc", "recall_at_op", "precision_at_op", "fail_rate"):
+        assert m[f"{name}_ci_low"] <= m[name] <= m[f"{name}_ci_high"], name
+    # DeLong: the interval is the AUC ± 1.96 SE, and the variance is kept for later performance checks.
+    half = 1.959964 * m["roc_auc_var"] ** 0.5
+    assert m["roc_auc_ci_low"] == pytest.approx(max(0.0, m["roc_auc"] - half))
+    assert m["roc_auc_p_chance"] < 0.001
+    # A wider confidence level widens every interval.
+    wide = holdout_metrics(y, s, RetrainPolicy(gate_alpha=0.01))
+    assert wide["roc_auc_ci_high"] - wide["roc_auc_ci_low"] > m["roc_auc_ci_high"] - m["roc_auc_ci_low"]
