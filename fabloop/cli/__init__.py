@@ -10,7 +10,7 @@ import os
 
 import typer
 
-from fabloop.cli import approvals, data, stack, stream
+from fabloop.cli import approvals, backtest, data, stack, stream
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Event-driven retraining for fab models on Prefect.")
 
@@ -18,6 +18,7 @@ stack.register(app)  # up / run / deploy / status / down
 stream.register(app)  # simulate / ingest
 approvals.register(app)  # approvals / approve / reject / rollback / audit
 data.register(app)  # replay / publish-stdf
+backtest.register(app)  # backtest
 
 
 def main() -> None:
