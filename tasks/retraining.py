@@ -259,7 +259,9 @@ def train_challenger(
             lo, hi = paired.ci(policy.gate_alpha)
             registry.log_metrics({"paired_roc_auc_diff": paired.diff, "paired_roc_auc_diff_ci_low": lo,
                                   "paired_roc_auc_diff_ci_high": hi, "paired_roc_auc_diff_p": paired.p_value})
-            paired_extra = _paired_pr_auc(split.holdout[store.LABEL], challenger_scores, champ.scores, policy)
+            thresholds = (challenger["threshold"], (champ.metrics or {}).get("threshold"))
+            paired_extra = _paired_bootstrapped(split.holdout[store.LABEL], challenger_scores, champ.scores,
+                                                thresholds, policy)
             registry.log_metrics({f"paired_{k}": v for k, v in paired_extra.items()})
         if champ.cv_roc_auc is not None:
             registry.log_metrics({"champion_cv_roc_auc": champ.cv_roc_auc})
@@ -272,15 +274,32 @@ def train_challenger(
                     paired=paired, challenger_cv=challenger_cv, champion_cv=champ.cv_roc_auc, paired_extra=paired_extra)
 
 
-def _paired_pr_auc(
-    labels: pd.Series, challenger: np.ndarray, champion: np.ndarray, policy: RetrainPolicy
+def _paired_bootstrapped(
+    labels: pd.Series, challenger: np.ndarray, champion: np.ndarray, thresholds: tuple[float, float | None],
+    policy: RetrainPolicy,
 ) -> dict[str, float]:
-    """PR-AUC of both on the same holdout: no closed form, so a paired bootstrap."""
-    from sklearn.metrics import average_precision_score
+    """PR-AUC and precision at the operating point of both on the same holdout: no closed form, so a paired bootstrap.
 
-    diff, lo, hi, p = paired_bootstrap(labels.astype(int).to_numpy(), challenger, champion, average_precision_score,
+    Each model keeps its own threshold (``thresholds``: challenger's, champion's). Recall
+    at the operating point needs no test: the policy's target recall sets it for both.
+    """
+    from sklearn.metrics import average_precision_score, precision_score
+
+    y = labels.astype(int).to_numpy()
+    out: dict[str, float] = {}
+    diff, lo, hi, p = paired_bootstrap(y, challenger, champion, average_precision_score,
                                        alpha=policy.gate_alpha, draws=200, seed=policy.seed)
-    return {"pr_auc_diff": diff, "pr_auc_diff_ci_low": lo, "pr_auc_diff_ci_high": hi, "pr_auc_diff_p": p}
+    out |= {"pr_auc_diff": diff, "pr_auc_diff_ci_low": lo, "pr_auc_diff_ci_high": hi, "pr_auc_diff_p": p}
+    mine, theirs = thresholds
+    if theirs is not None:
+        def precision(truth: np.ndarray, alarm: np.ndarray) -> float:
+            return float(precision_score(truth, alarm, zero_division=0.0))
+
+        diff, lo, hi, p = paired_bootstrap(y, (challenger >= mine).astype(float), (champion >= theirs).astype(float),
+                                           precision, alpha=policy.gate_alpha, draws=200, seed=policy.seed)
+        out |= {"precision_at_op_diff": diff, "precision_at_op_diff_ci_low": lo,
+                "precision_at_op_diff_ci_high": hi, "precision_at_op_diff_p": p}
+    return out
 
 
 def _log_training_set(model: str, training: TrainingSet, policy: RetrainPolicy) -> None:

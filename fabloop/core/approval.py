@@ -107,6 +107,9 @@ def metrics_table(metrics: Mapping[str, Mapping[str, float]], champion: str | No
                      f"of {int(paired.get('n_rows', 0))}.")
     if "pr_auc_diff" in paired:
         notes.append("PR-AUC change: paired bootstrap on the same wafers.")
+    if "precision_at_op_diff" in paired:
+        notes.append("Precision change: paired bootstrap, each model at its own operating point; recall at the "
+                     "operating point is set by the policy's target for both, so its change is not tested.")
     return "\n".join(lines) + "\n" + ("\n" + " ".join(notes) + "\n" if notes else "")
 
 

@@ -125,7 +125,13 @@ class DriftPolicy(_PolicyFields):
     min_feature_values: int = Field(
         default=10, ge=1, description="Fewer finite values of a sensor on either side: not tested."
     )
-    cooldown_minutes: float = Field(default=60, ge=0, description="No new retrain trigger this soon after one.")
+    cooldown_minutes: float = Field(
+        default=60, ge=0,
+        description=(
+            "No new retrain trigger while both the wall time and the event time (process time of the wafers) "
+            "since the last retraining are shorter than this."
+        ),
+    )
     roc_auc_drop_tolerance: float = Field(default=0.05, ge=0, le=1)
     fail_rate_tolerance: float = Field(default=0.05, ge=0, le=1)
     min_labelled_wafers: int = Field(default=30, ge=1, description="Fewer labelled wafers: no performance verdict.")
