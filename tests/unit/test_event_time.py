@@ -279,3 +279,17 @@ def test_a_first_training_ends_no_drift_episode(db: str) -> None:
     assert breach[0] == "started", breach
     kinds = [r[0] for r in _rows(db, select(RetrainTriggerRow.kind).order_by(RetrainTriggerRow.id))]
     assert kinds == ["first_training", "drift"]
+
+
+def test_first_trainings_are_paced_in_wall_time_while_the_first_challenger_waits_for_approval(db: str) -> None:
+    # A fast stream: the scope's next windows are 15 h and 30 h of wafers later, minutes later on the clock.
+    first, next_window, after_the_hour = _episode(db, [
+        ("decide", (NOW, T0, "first_training")),
+        ("finish", (NOW + timedelta(minutes=2), "challenger")),
+        ("decide", (NOW + timedelta(minutes=4), T0 + timedelta(hours=15), "first_training")),
+        ("decide", (NOW + timedelta(minutes=63), T0 + timedelta(hours=30), "first_training")),
+    ])
+    assert next_window[0] == "suppressed", next_window
+    assert f"cooldown after retraining (trigger {first[2]})" in next_window[1]
+    assert "a first training waits for the decision on the last one" in next_window[1]
+    assert after_the_hour[0] == "started", after_the_hour

@@ -20,7 +20,9 @@ the cooldown. Live, the two advance together; in a replay or a catch-up after an
 outage, months of wafers arrive in minutes, and event time governs: the windows of a
 replayed month are not all suppressed by one wall-clock hour. A trigger without a
 window (manual, scheduled) has no event time, and wall time alone decides. In-flight
-suppression is wall time only: a running retraining is running.
+suppression is wall time only: a running retraining is running. First trainings (no
+champion yet) pace each other in wall time only: they wait for an engineer's decision
+on the first challenger, not for process time.
 """
 
 from __future__ import annotations
@@ -120,7 +122,10 @@ async def decide_retrain(
             and last_episode.finished_at is not None
             and now - last_episode.finished_at < cooldown
         ):
-            suppress = await _cooling_down(session, last_episode, window_id, cooldown)
+            suppress = (
+                await _cooling_down(session, last_episode, window_id, cooldown) if kind != "first_training"
+                else _first_training_wait(last_episode, cooldown)
+            )
         row = RetrainTriggerRow(
             model=model, window_id=window_id, check_id=check_id, at=now, kind=kind,
             action="suppressed" if suppress else "started",
@@ -184,6 +189,20 @@ async def _cooling_down(
     return (f"{wall} in wall time, or until the fab reaches event time {last_event + cooldown:%Y-%m-%d %H:%M:%S} "
             f"UTC, whichever comes first (this window ends at {event:%Y-%m-%d %H:%M:%S} UTC, "
             f"{_minutes(event - last_event)} after the retraining's window)")
+
+
+def _first_training_wait(last: RetrainTriggerRow, cooldown: timedelta) -> str:
+    """First trainings are paced in wall time only.
+
+    Until an engineer approves the first champion, every window of the scope is judged
+    "no champion"; what a further first training waits for is that decision, not more
+    process time. In event time, a replayed or caught-up stream would start a first
+    training per window while the first challenger waits for approval.
+    """
+    assert last.finished_at is not None
+    until = _aware(last.finished_at) + cooldown
+    return (f"cooldown after retraining (trigger {last.id}) until {until:%Y-%m-%d %H:%M:%S} UTC "
+            "(wall time: a first training waits for the decision on the last one)")
 
 
 def _minutes(delta: timedelta) -> str:
