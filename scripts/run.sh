@@ -5,5 +5,5 @@
 # (e.g. --approve-as NAME to finish the loop unattended).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh embedded
 exec .venv/bin/fabloop run "$@"

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
-bash scripts/setup.sh
+bash scripts/setup.sh test
 bash scripts/system-deps.sh
 t_setup=$((SECONDS - t0))
 echo "test: ruff";        .venv/bin/ruff check .
