@@ -1,6 +1,8 @@
 """Deployment definitions: where and how the flows run (per work-pool type).
 
-One pool type exists today, Prefect's process pool (:mod:`fabloop.deployments.process`).
+Prefect's process pool, from this checkout (:mod:`fabloop.deployments.process`, the
+embedded stack's), and Docker and Kubernetes pools running the fabloop image
+(:mod:`fabloop.deployments.container`, the same deployments rendered from prefect.yaml).
 """
 
 # Installed as ``fabloop.deployments``. Imported under its folder name (a checkout on sys.path),
