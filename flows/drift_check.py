@@ -4,12 +4,17 @@ Triggered by ``fabloop.window.closed`` (see prefect.yaml). The reference is the
 champion's training-set snapshot; a scope without a champion asks for a first
 training instead. A breach starts the ``retrain`` deployment as a child run of
 this check — at most once per episode (in flight or cooling down: recorded as
-suppressed, with the reason).
+suppressed, with the reason). The breach's Evidently HTML report, slow at hundreds
+of sensors, is rendered after that, in the same run: the check's row, its artifact
+and the retraining's approval form link it once it is kept.
 """
 
 from __future__ import annotations
 
+from contextlib import suppress
+from dataclasses import replace
 from typing import Any, Literal
+from uuid import UUID
 
 import pandas as pd
 from prefect import flow, get_run_logger
@@ -25,6 +30,7 @@ from fabloop.core.names import DRIFT_DETECTED, RETRAIN_DEPLOYMENT, model_resourc
 from fabloop.core.policies import DriftPolicy
 from fabloop.core.verdict import WindowVerdict, judge_window
 from fabloop.tasks.checks import (
+    REPORT_PENDING,
     WindowCheck,
     attach_flow_run,
     claim_window,
@@ -32,12 +38,16 @@ from fabloop.tasks.checks import (
     decide_retrain,
     drift_calibration,
     find_champion,
+    link_report,
     load_reference,
     load_window_frame,
     model_performance,
-    publish_report,
+    note_report_failure,
+    open_report,
     publish_verdict,
     record_check,
+    render_report,
+    wants_report,
 )
 
 
@@ -47,7 +57,7 @@ def drift_check(
     policy_block: str = DEFAULT,
     retrain: Literal["deployment", "off"] = "deployment",
 ) -> dict[str, Any]:
-    """Judge one closed window; on a breach, start (or suppress) a retraining.
+    """Judge one closed window; on a breach, start (or suppress) a retraining, then render its report.
 
     ``retrain``: ``deployment`` starts the ``retrain`` deployment as a child run;
     ``off`` judges and records the check but starts and records no retraining
@@ -66,44 +76,71 @@ def drift_check(
     window, current = load_window_frame(engine, window_id)
     model = window["model"]
     policy = load_block(DriftPolicyBlock, policy_block).policy.for_model(model)
-    check = _judge(registry.client(tracking_uri), tracking_uri, window_id, model, current, policy)
+    client = registry.client(tracking_uri)
+    check, reference = _judge(client, window_id, model, current, policy)
     check_id = record_check(engine, claim, check)
-    publish_verdict(check)
-    verdict, report_url = check.verdict, check.report_url
+    report_reference = reference if wants_report(check) else None
+    artifact_id = publish_verdict(check, REPORT_PENDING if report_reference is not None else None)
+    verdict = check.verdict
     outcome: dict[str, Any] = {"window_id": window_id, "check_id": check_id, "model": model, "status": verdict.status,
                                "drifted": verdict.drifted, "breach": verdict.breach, "reason": verdict.reason,
-                               "report_url": report_url}
+                               "report_url": None}
     if not verdict.breach:
         logger.info("window %s of %s: no breach (%s)", window_id, model, verdict.reason)
-        return outcome
-    emit_event(event=DRIFT_DETECTED, resource=model_resource(model),
-               payload={"window_id": window_id, "check_id": check_id, "reason": verdict.reason,
-                        "report_url": report_url})
-    if retrain == "off":
-        outcome["trigger"] = {"action": "dry_run", "reason": "retrain='off': nothing started", "id": None}
-        logger.info("breach on %s; retraining is off for this run, nothing started", model)
-        return outcome
-    return {**outcome, **_start_retraining(engine, model, verdict, policy, window_id, check_id)}
+    else:
+        emit_event(event=DRIFT_DETECTED, resource=model_resource(model),
+                   payload={"window_id": window_id, "check_id": check_id, "reason": verdict.reason})
+        if retrain == "off":
+            outcome["trigger"] = {"action": "dry_run", "reason": "retrain='off': nothing started", "id": None}
+            logger.info("breach on %s; retraining is off for this run, nothing started", model)
+        else:
+            outcome |= _start_retraining(engine, model, verdict, policy, window_id, check_id)
+    # The verdict is recorded and acted on: only now the slow Evidently report, which
+    # no retraining waits for.
+    if report_reference is not None:
+        outcome["report_url"] = _report(engine, client, tracking_uri, check, check_id, artifact_id, report_reference,
+                                        current, policy)
+    return outcome
 
 
 def _judge(
-    client: MlflowClient, tracking_uri: str, window_id: int, model: str, current: pd.DataFrame, policy: DriftPolicy,
-) -> WindowCheck:
-    """The window's verdict, with the data and performance results and the report it rests on."""
+    client: MlflowClient, window_id: int, model: str, current: pd.DataFrame, policy: DriftPolicy,
+) -> tuple[WindowCheck, pd.DataFrame | None]:
+    """The window's verdict with the data and performance results it rests on, and the champion's reference."""
     champion = find_champion(client, model)
     if champion is None:
-        return WindowCheck(window_id, model, len(current), judge_window(model, len(current), policy, None))
+        return WindowCheck(window_id, model, len(current), judge_window(model, len(current), policy, None)), None
     reference: pd.DataFrame = load_reference(client, champion)  # pandas is untyped: a DataFrame task looks async
     data = data_drift(reference, current, policy, drift_calibration(client, champion, reference, current, policy))
     perf = model_performance(client, champion, current, policy)
     verdict = judge_window(model, len(current), policy, champion.version, data, perf)
-    report_url = None
-    # The Evidently report shows the sensors that got a verdict; a performance-only
-    # breach in a window too small (or too sparse) for one has no report to show.
-    if verdict.breach and data.n_tested:
-        report_url = publish_report(model, window_id, reference, current, policy, data, perf, tracking_uri)
     reference_desc = f"{model} v{champion.version} training set ({len(reference)} wafers)"
-    return WindowCheck(window_id, model, len(current), verdict, data, perf, reference_desc, report_url)
+    return WindowCheck(window_id, model, len(current), verdict, data, perf, reference_desc), reference
+
+
+def _report(
+    engine: AsyncEngine, client: MlflowClient, tracking_uri: str, check: WindowCheck, check_id: int,
+    artifact_id: UUID, reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy,
+) -> str | None:
+    """Render and keep the breach's Evidently report, then link it from the check and its artifact.
+
+    Returns the report's URL, or None when it could not be kept: a report is evidence
+    for a person, so its failure is logged and noted in the artifact, and the check's
+    verdict and trigger stand.
+    """
+    logger = get_run_logger()
+    try:
+        run_id = open_report(client, check)
+        url = render_report(client, tracking_uri, check, run_id, reference, current, policy)
+        link_report(engine, check_id, replace(check, report_url=url), artifact_id)
+    except Exception as exc:  # noqa: BLE001 - any failure of the report leaves the verdict as it is
+        logger.warning("window %s of %s: the Evidently report was not kept (%s: %s); the verdict and its "
+                       "trigger stand", check.window_id, check.model, type(exc).__name__, exc)
+        with suppress(Exception):  # the artifact keeps its pending note if Prefect cannot be told
+            note_report_failure(artifact_id, check, f"{type(exc).__name__}: {exc}")
+        return None
+    logger.info("window %s of %s: Evidently report kept at %s", check.window_id, check.model, url)
+    return url
 
 
 def _start_retraining(

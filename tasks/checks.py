@@ -8,14 +8,18 @@ must happen each time it is asked for.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import pandas as pd
 from prefect import runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fabloop.adapters import registry, store
@@ -175,31 +179,75 @@ def model_performance(
     )
 
 
-@task(name="publish drift report", cache_policy=NO_CACHE, **TRANSIENT)
-def publish_report(
-    model: str, window_id: int, reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy,
-    data: DriftResult, performance: PerformanceDriftResult | None, tracking_uri: str,
+def report_path(window_id: int) -> str:
+    """Where a window's Evidently report is kept in its monitoring run."""
+    return f"drift/window-{window_id}.html"
+
+
+def wants_report(check: WindowCheck) -> bool:
+    """A breach gets the full Evidently report of the sensors that got a verdict.
+
+    A performance-only breach in a window too small (or too sparse) for a data verdict
+    has no sensors to show, and no report.
+    """
+    return check.verdict.breach and check.data is not None and check.data.n_tested > 0
+
+
+@task(name="open drift report", cache_policy=NO_CACHE, **TRANSIENT)
+def open_report(client: MlflowClient, check: WindowCheck) -> str:
+    """The window's monitoring run, with the check's figures, before its report is rendered; returns its id."""
+    data, performance = check.data, check.performance
+    assert data is not None  # wants_report: a report shows the data verdict's sensors
+    metrics = {"drift_share": data.share, "drifted_sensors": float(data.n_drifted)}
+    if data.threshold_share is not None:
+        metrics["drift_threshold_share"] = data.threshold_share
+    if performance and performance.roc_auc is not None:
+        metrics |= {"window_roc_auc": performance.roc_auc, "window_n_fail": float(performance.n_failing)}
+        if performance.roc_auc_ci is not None and performance.auc_p_value is not None:
+            metrics |= {"window_roc_auc_ci_low": performance.roc_auc_ci[0],
+                        "window_roc_auc_ci_high": performance.roc_auc_ci[1],
+                        "window_roc_auc_drop_p": performance.auc_p_value}
+    return registry.open_window_report(client, check.model, check.window_id, metrics)
+
+
+@task(name="render drift report", cache_policy=NO_CACHE, **TRANSIENT)
+def render_report(
+    client: MlflowClient, tracking_uri: str, check: WindowCheck, run_id: str,
+    reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy,
 ) -> str:
-    """The full Evidently report, kept as an artifact of the model's monitoring run; returns its URL."""
-    tested = [f.feature for f in data.features if f.status == "ok"]
-    html = drift_report_html(reference[tested], current[tested], policy, features=tested)
-    # The experiment by id, not as mlflow's process-wide "active experiment": when two
-    # checks create it at once, the loser's set_experiment returns without activating it.
-    experiment_id = registry.use_experiment(model, "monitoring")
-    with registry.start_run(f"drift-window-{window_id}", experiment_id=experiment_id) as run_id:
-        registry.set_run_tags({"fabloop.model": model, "fabloop.window_id": str(window_id)})
-        registry.log_metrics({"drift_share": data.share, "drifted_sensors": data.n_drifted})
-        if data.threshold_share is not None:
-            registry.log_metrics({"drift_threshold_share": data.threshold_share})
-        if performance and performance.roc_auc is not None:
-            registry.log_metrics({"window_roc_auc": performance.roc_auc, "window_n_fail": performance.n_failing})
-            if performance.roc_auc_ci is not None and performance.auc_p_value is not None:
-                registry.log_metrics({"window_roc_auc_ci_low": performance.roc_auc_ci[0],
-                                      "window_roc_auc_ci_high": performance.roc_auc_ci[1],
-                                      "window_roc_auc_drop_p": performance.auc_p_value})
-        path = f"drift/window-{window_id}.html"
-        registry.log_html(html, path)
-        return registry.artifact_url(tracking_uri, run_id, path)
+    """The full Evidently report, kept in the window's monitoring run; returns its URL.
+
+    The slow part of a breach (minutes at hundreds of sensors): rendered after the
+    verdict was recorded and acted on. A report that cannot be rendered ends its run
+    FAILED and is raised; the verdict and the trigger stand.
+    """
+    assert check.data is not None  # wants_report
+    tested = [f.feature for f in check.data.features if f.status == "ok"]
+    path = report_path(check.window_id)
+    try:
+        html = drift_report_html(reference[tested], current[tested], policy, features=tested)
+        registry.keep_window_report(client, run_id, html, path)
+    except Exception:
+        with suppress(Exception):  # the report's own failure is the one to raise
+            registry.keep_window_report(client, run_id, None, path)
+        raise
+    return registry.artifact_url(tracking_uri, run_id, path)
+
+
+@task(name="link drift report", cache_policy=NO_CACHE, **TRANSIENT)
+def link_report(engine: AsyncEngine, check_id: int, check: WindowCheck, artifact_id: UUID | None) -> None:
+    """The kept report on the check's row and in its verdict artifact (``check.report_url``)."""
+    if check.report_url:
+        store.run_sync(store.set_report_url(engine, check_id, check.report_url))
+    if artifact_id is not None:
+        _revise_verdict(artifact_id, check)
+
+
+@task(name="note drift report failure", cache_policy=NO_CACHE, **TRANSIENT)
+def note_report_failure(artifact_id: UUID | None, check: WindowCheck, error: str) -> None:
+    """The verdict artifact says the report is not coming, and why."""
+    if artifact_id is not None:
+        _revise_verdict(artifact_id, check, f"The full Evidently drift report could not be rendered: {error}")
 
 
 @task(name="record check", cache_policy=NO_CACHE, **TRANSIENT)
@@ -216,14 +264,33 @@ def record_check(engine: AsyncEngine, claim: store.Claim, check: WindowCheck) ->
     return store.run_sync(store.record_check(engine, row, data.features if data else ()))
 
 
+REPORT_PENDING = "The full Evidently drift report is being rendered; it is linked here once it is kept."
+
+
 @task(name="publish verdict", cache_policy=NO_CACHE, **TRANSIENT)
-def publish_verdict(check: WindowCheck) -> None:
-    """The verdict as the model's ``drift-<model>`` artifact in the Prefect UI."""
-    create_markdown_artifact(
+def publish_verdict(check: WindowCheck, note: str | None = None) -> UUID:
+    """The verdict as the model's ``drift-<model>`` artifact in the Prefect UI; returns the artifact's id.
+
+    ``note``: a line on the report (e.g. :data:`REPORT_PENDING`), replaced when the
+    report is linked (:func:`link_report`).
+    """
+    artifact_id = create_markdown_artifact(
         key=artifact_key("drift", check.model), description=f"Drift verdict, window {check.window_id}",
-        markdown=drift_markdown(check.model, check.window_id, check.verdict.reason, check.data, check.performance,
-                                check.report_url),
+        markdown=_verdict_markdown(check, note),
     )
+    assert isinstance(artifact_id, UUID)  # typed maybe-a-coroutine; a sync task gets the id
+    return artifact_id
+
+
+def _verdict_markdown(check: WindowCheck, note: str | None = None) -> str:
+    return drift_markdown(check.model, check.window_id, check.verdict.reason, check.data, check.performance,
+                          check.report_url, note)
+
+
+def _revise_verdict(artifact_id: UUID, check: WindowCheck, note: str | None = None) -> None:
+    """Rewrite the verdict artifact in place: the run keeps one verdict artifact, now with its report."""
+    with get_client(sync_client=True) as client:
+        client.update_artifact(artifact_id, ArtifactUpdate(data=_verdict_markdown(check, note)))
 
 
 @task(name="decide retraining", cache_policy=NO_CACHE, **TRANSIENT)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import pandas as pd
 from mlflow import MlflowClient  # re-exported: callers name the client type without importing mlflow
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.pandas_dataset import from_pandas
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
@@ -45,9 +46,10 @@ __all__ = [
     "CHALLENGER", "CHAMPION", "MAX_TAG_VALUE", "MODEL_KIND_TAG", "PREVIOUS", "REFERENCE_ARTIFACT", "TAG_PREFIX",
     "MlflowClient", "ModelVersion", "RegistryError", "Scorer", "VersionInfo", "alias_version", "aliases",
     "all_aliases", "artifact_page_url", "artifact_url", "client",
-    "describe", "drop_alias_if_on", "experiment_name", "get_version", "load_scorer",
+    "describe", "drop_alias_if_on", "experiment_name", "get_version", "keep_window_report", "load_scorer",
     "log_feature_importance", "log_html", "log_metrics", "log_model", "log_params", "log_reference",
-    "log_training_data", "log_trial", "promote_to_champion", "reference_frame", "register_version",
+    "log_training_data", "log_trial", "open_window_report", "promote_to_champion", "reference_frame",
+    "register_version",
     "rollback_champion", "run_id_of", "run_of", "run_url", "set_alias", "set_run_tags", "set_tags", "start_run",
     "use_experiment", "version_url", "window_report_run",
 ]
@@ -128,6 +130,32 @@ def window_report_run(ml: MlflowClient, model: str, window_id: int) -> Run | Non
     runs = ml.search_runs([experiment.experiment_id], f"tags.`fabloop.window_id` = '{int(window_id)}'",
                           max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
+
+
+def open_window_report(ml: MlflowClient, model: str, window_id: int, metrics: Mapping[str, float]) -> str:
+    """Start window ``window_id``'s monitoring run, with the check's figures; returns its run id.
+
+    Opened as soon as the check has acted on its verdict, before the slow HTML report:
+    the retraining's evidence links (:func:`window_report_run`) find the run from then
+    on, and its artifact page shows the report once :func:`keep_window_report` logs it.
+    """
+    # The experiment by id, not as mlflow's process-wide "active experiment": when two
+    # checks create it at once, the loser's set_experiment returns without activating it.
+    experiment_id = use_experiment(model, "monitoring")
+    run = ml.create_run(experiment_id, run_name=f"drift-window-{int(window_id)}",
+                        tags={"fabloop.model": model, "fabloop.window_id": str(int(window_id))})
+    now = int(time.time() * 1000)
+    ml.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    return run.info.run_id
+
+
+def keep_window_report(ml: MlflowClient, run_id: str, html: str | None, artifact_file: str) -> None:
+    """Log the rendered report into its monitoring run and end the run (``None``: FAILED, no report)."""
+    if html is None:
+        ml.set_terminated(run_id, "FAILED")
+        return
+    ml.log_text(run_id, html, artifact_file)
+    ml.set_terminated(run_id, "FINISHED")
 
 
 # --- registry: versions and aliases ----------------------------------------------------

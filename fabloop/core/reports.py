@@ -16,13 +16,17 @@ METRICS = ("roc_auc", "pr_auc", "recall_at_op", "precision_at_op", "fail_rate")
 
 def drift_markdown(
     model: str, window_id: int, reason: str, data: DriftResult | None,
-    performance: PerformanceDriftResult | None, report_url: str | None,
+    performance: PerformanceDriftResult | None, report_url: str | None, note: str | None = None,
 ) -> str:
-    """A window's verdict: the sensors' summary (or why there is none) and the champion's performance."""
+    """A window's verdict: the sensors' summary (or why there is none) and the champion's performance.
+
+    ``note``: a line on the Evidently report while it has no link (being rendered, or failed).
+    """
     return (
         f"## Drift check of `{model}` window {window_id}\n\n"
         + (data.to_markdown(report_url) if data else f"**{reason}**\n")
         + (f"\n\n**Performance:** {performance.reason}\n" if performance else "")
+        + (f"\n\n_{note}_\n" if note else "")
     )
 
 

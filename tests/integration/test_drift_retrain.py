@@ -239,6 +239,12 @@ def test_mean_shift_on_one_tool_retrains_that_model_once_as_a_child_of_its_drift
         assert mlrun.data.tags["fabloop.window_id"] == str(r.window_id)
         (art,) = [a for a in pa.artifacts_of(stack, r.flow_run_id) if a["type"] == "markdown"]
         assert "**DRIFT**" in art["data"] and r.report_url in art["data"]
+        if r.id == starter.id:
+            # The report is off the breach's critical path: the retraining's flow run was
+            # created before the report's monitoring run was even opened.
+            report_opened = datetime.fromtimestamp(mlrun.info.start_time / 1000, UTC)
+            assert started[0].at <= datetime.fromisoformat(run["created"]) <= report_opened, (
+                started[0].at, run["created"], report_opened)
     for m in quiet:
         assert client.get_experiment_by_name(f"fabloop/{m}/monitoring") is None
         for r in by_model[m]:

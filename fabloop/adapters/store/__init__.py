@@ -14,6 +14,7 @@ from fabloop.adapters.store._checks import (
     already_checked,
     claim_window,
     record_check,
+    set_report_url,
     take_over_claim,
 )
 from fabloop.adapters.store._engine import engine_for, make_engine, optuna_storage, run_sync, sessionmaker, sync_url
@@ -54,7 +55,7 @@ from fabloop.adapters.store._triggers import (
 )
 
 __all__ = [
-    "CLAIMED", "Claim", "ClaimLost", "WindowNotClosed", "claim_window", "take_over_claim",
+    "CLAIMED", "Claim", "ClaimLost", "WindowNotClosed", "claim_window", "set_report_url", "take_over_claim",
     "LABEL", "META", "ApprovalRow", "Base", "BatchWriter", "ClosedWindow", "DeadLetterRow", "DriftCheckRow",
     "FeatureDriftRow", "IngestBatchRow", "IngestStore", "LateReading", "LoopSummary", "RetrainTriggerRow",
     "SensorReadingRow",

@@ -135,3 +135,18 @@ async def record_check(engine: AsyncEngine, check: DriftCheckRow, features: Iter
             for f in features
         )
     return check.id
+
+
+async def set_report_url(engine: AsyncEngine, check_id: int, report_url: str) -> bool:
+    """Link a recorded check to its Evidently report; False if the check has no verdict recorded.
+
+    The report is rendered after the verdict was acted on (a breach's retraining does not
+    wait for it), so the link is added to the check's row once the report is kept.
+    """
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            update(DriftCheckRow)
+            .where(DriftCheckRow.id == check_id, DriftCheckRow.status != CLAIMED)
+            .values(report_url=report_url)
+        )
+    return result.rowcount == 1
