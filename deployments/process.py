@@ -19,8 +19,9 @@ from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from fabloop.deployments.notifications import ensure_notification_automations
+from fabloop.infra.bootstrap import prefect_api
 from fabloop.infra.settings import WORK_POOL, WORK_POOL_TYPE, StackEndpoints, prefect_env
 from fabloop.infra.stack import PROJECT_DIR, executable
 
@@ -38,8 +39,12 @@ PULL_STEPS: list[dict[str, Any]] = [
 __all__ = ["PREFECT_YAML", "PROJECT_DIR_VAR", "PYTHON_VAR", "PULL_STEPS", "WORK_POOL", "WORK_POOL_TYPE", "deploy"]
 
 
-def deploy(ep: StackEndpoints, timeout: float = 300) -> str:
-    """``prefect deploy --all`` of ``prefect.yaml`` from the project directory; returns its output."""
+def deploy(ep: StackEndpoints, timeout: float = 300, notify_block: str | None = None) -> str:
+    """``prefect deploy --all`` of ``prefect.yaml`` from the project directory; returns its output.
+
+    Then the automations ``prefect.yaml`` cannot hold: the silent-ingest one, and the
+    notifications through the block named ``notify_block`` (:mod:`fabloop.deployments.notifications`).
+    """
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
         **prefect_env(ep),
@@ -53,6 +58,7 @@ def deploy(ep: StackEndpoints, timeout: float = 300) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"prefect deploy failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     ensure_silent_ingest_automation(ep)
+    ensure_notification_automations(ep, notify_block)
     return proc.stdout
 
 
@@ -93,7 +99,7 @@ def silent_ingest_automation() -> AutomationCore:
 def ensure_silent_ingest_automation(ep: StackEndpoints) -> None:
     """Create the automation, or bring an existing one of that name up to date."""
     wanted = silent_ingest_automation()
-    with temporary_settings(updates={PREFECT_API_URL: ep.prefect_api_url}), get_client(sync_client=True) as client:
+    with prefect_api(ep), get_client(sync_client=True) as client:
         existing = client.read_automations_by_name(SILENT_INGEST_AUTOMATION)
         if existing:
             client.update_automation(existing[0].id, wanted)

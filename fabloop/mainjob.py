@@ -49,7 +49,7 @@ from fabloop.core.names import CHAMPION, INGEST_DEPLOYMENT
 from fabloop.core.publishing import parse_drift_spec
 from fabloop.core.simulate import SimulationConfig, simulate
 from fabloop.deployments import deploy, deployment_name
-from fabloop.infra.bootstrap import prefect_api
+from fabloop.infra.bootstrap import kafka_connection, prefect_api
 from fabloop.infra.mlflow_auth import client_env
 from fabloop.infra.settings import StackEndpoints, prefect_env
 from fabloop.infra.stack import Stack
@@ -117,7 +117,8 @@ def _ensure_ingest_running() -> str:
 
 
 def _publish(ep: StackEndpoints, events: Iterator[Any]) -> int:
-    stats = publish_events(make_producer({"bootstrap.servers": ep.kafka_bootstrap_servers}), events)
+    # The stack's Kafka block: its security settings and credentials, as every fabloop client uses them.
+    stats = publish_events(make_producer(kafka_connection(ep).producer_config()), events)
     if stats.failed:
         raise RuntimeError(f"{stats.failed} events could not be published")
     return stats.published

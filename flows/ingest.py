@@ -126,13 +126,14 @@ def ingest(
     max_idle_seconds: float | None = None,
     consumer_name: str | None = None,
     bootstrap_servers: str | None = None,
-    database_url: str | None = None,
+    database_url: SecretStr | None = None,
     catalog_block: str = DEFAULT,
 ) -> dict[str, Any]:
     """Consume sensor and test-data events into the event store until stopped.
 
     ``bootstrap_servers`` and ``database_url`` override the ``default`` blocks for
-    this run only (e.g. to drain one cluster into another store).
+    this run only (e.g. to drain one cluster into another store). The URL may hold a
+    password: as a ``SecretStr`` it is masked in the run's parameters (UI and API).
     """
     logger = get_run_logger()
     kafka = load_block(KafkaConnection)
@@ -140,7 +141,7 @@ def ingest(
         kafka = kafka.model_copy(update={"bootstrap_servers": bootstrap_servers})
     # The ingestor keeps its connections for the whole run (a pooled engine), and
     # migrates the store to the newest schema before its first batch.
-    database = FabloopDatabase(url=SecretStr(database_url)) if database_url else load_block(FabloopDatabase)
+    database = FabloopDatabase(url=database_url) if database_url else load_block(FabloopDatabase)
     engine = database.get_engine(pooled=True)
     catalog = load_block(ModelCatalog, catalog_block).value()
     name = consumer_name or f"ingest-{socket.gethostname()}-{os.getpid()}"
@@ -170,7 +171,7 @@ def ingest(
         logger.info("batch: %s", stats.line())
 
     ingestor = Ingestor(
-        kafka.client_config(), engine, catalog, group=kafka.consumer_group,
+        kafka.client_config(), engine, catalog, group=kafka.consumer_group, producer_conf=kafka.producer_config(),
         settings=IngestSettings(batch_size=batch_size, consumer_name=name),
         announce=announce_window, on_batch=on_batch,
     )

@@ -41,6 +41,7 @@ from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.states import Completed, State
+from prefect.utilities.urls import url_for
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fabloop.adapters import registry
@@ -74,6 +75,7 @@ from fabloop.core.names import (
     MODEL_SUPERSEDED,
     PREVIOUS,
     PROMOTION_TAG,
+    PROMOTION_WAITING,
     ROLLBACK_TAG,
     SUPERSEDED_TAG_PREFIX,
     SYSTEM_APPROVER,
@@ -283,6 +285,19 @@ def _await_decision(p: _Promotion, policy: ApprovalPolicy) -> State:
             return outcome
 
 
+def _announce_waiting(p: _Promotion, deadline: datetime) -> None:
+    """Tell whoever decides, through the notification automations (deployments/notifications.py).
+
+    The payload is the whole message: where to decide (this run's page, where Resume
+    is) and the decision page's evidence, so that no automation has to look it up.
+    """
+    emit_event(event=PROMOTION_WAITING, resource=model_resource(p.model, p.version), payload={
+        "model": p.model, "version": p.version, "champion": p.champion, "policy": p.policy_name,
+        "deadline": deadline.isoformat(), "decision_url": url_for("flow-run", obj_id=p.flow_run_id),
+        "summary": p.description,
+    })
+
+
 def _open(model: str, version: str, policy_block: str, tracking_uri: str) -> _Promotion:
     """Tag this run as the model's promotion and read the registry; a clear error before anyone is asked."""
     run_id = _flow_run_id()
@@ -360,6 +375,7 @@ def promote(
         description=f"Promotion of {model} version {challenger_version}: waiting for a decision",
     )
     tag_version(p.mlflow, model, challenger_version, {"decision": "pending", "promotion_run": p.flow_run_id})
+    _announce_waiting(p, deadline)
     return _await_decision(p, policy)  # type: ignore[return-value]
 
 

@@ -155,12 +155,12 @@ def wait_until(check: Callable[[], object], timeout: float, interval: float = 0.
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s" + (f" (last error: {last_exc})" if last_exc else ""))
 
 
-# Prefect settings that belong to the operator, not to one stack: basic auth.
-PASS_THROUGH = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING")
-
-
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    """This process's environment without its Prefect profile (each stack has its own)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") or k in PASS_THROUGH}
+    """This process's environment without its Prefect settings (each stack has its own).
+
+    Prefect's credentials are among them: a component that talks to Prefect gets the
+    stack's in ``extra`` (``prefect_env``); the broker and MLflow get none.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(extra)
     return env

@@ -9,10 +9,14 @@ the same components without re-deriving ports.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+from fabloop.infra import prefect_auth
 
 DEFAULT_HOME = Path.home() / ".fabloop"
 WORK_POOL = "fabloop-process"
@@ -35,6 +39,8 @@ class StackSettings(BaseSettings):
     mlflow_tracking_uri: str | None = None
     kafka_bootstrap_servers: str | None = None
     work_pool: str = WORK_POOL
+    prefect_auth: bool = Field(default=False, description=(
+        "Turn on the embedded Prefect server's basic auth (fabloop.infra.prefect_auth)."))
 
     def resolve(self) -> StackEndpoints:
         home = self.home.expanduser().resolve()
@@ -49,6 +55,7 @@ class StackSettings(BaseSettings):
             embedded_prefect=self.prefect_api_url is None,
             embedded_mlflow=self.mlflow_tracking_uri is None,
             embedded_kafka=self.kafka_bootstrap_servers is None,
+            prefect_auth=self.prefect_auth,
         )
 
 
@@ -65,6 +72,8 @@ class StackEndpoints(BaseModel):
     embedded_prefect: bool = True
     embedded_mlflow: bool = True
     embedded_kafka: bool = True
+    prefect_auth: bool = False
+    """The embedded Prefect server checks basic auth; the credential is in ``<home>/secrets``."""
 
     @property
     def prefect_ui_url(self) -> str:
@@ -74,9 +83,22 @@ class StackEndpoints(BaseModel):
     def state_file(self) -> Path:
         return self.home / "stack.json"
 
+    @property
+    def database_url_file(self) -> Path:
+        return self.home / "secrets" / "database-url"
+
     def save(self) -> None:
+        """``stack.json`` holds no secret: a database password goes to ``secrets/`` (mode 600)."""
         self.home.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(self.model_dump_json(indent=2))
+        url = make_url(self.database_url)
+        stored = self
+        if url.password is not None:
+            self.database_url_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.database_url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(self.database_url)
+            stored = self.model_copy(update={"database_url": url.render_as_string(hide_password=True)})
+        self.state_file.write_text(stored.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, home: Path | None = None) -> StackEndpoints:
@@ -86,7 +108,15 @@ class StackEndpoints(BaseModel):
             raise FileNotFoundError(
                 f"{path} not found: start the stack with `fabloop up` (FABLOOP_HOME={home})"
             )
-        return cls.model_validate(json.loads(path.read_text()))
+        ep = cls.model_validate(json.loads(path.read_text()))
+        if make_url(ep.database_url).password is not None:
+            try:
+                return ep.model_copy(update={"database_url": ep.database_url_file.read_text()})
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{ep.database_url_file} not found: the event store's password is kept there; "
+                    f"run `fabloop up --database-url …` again") from None
+        return ep
 
 
 # How often a Prefect client retries a request the server answered "retry later"
@@ -106,4 +136,11 @@ def prefect_env(ep: StackEndpoints) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_CLI_PROMPT": "false",
         "FABLOOP_HOME": str(ep.home),
+        **prefect_auth_env(ep),
     }
+
+
+def prefect_auth_env(ep: StackEndpoints) -> dict[str, str]:
+    """The client credential for the stack's Prefect API: the stack's own, or the operator's for an external one."""
+    value = prefect_auth.load_auth_string(ep.home) if ep.prefect_auth else os.environ.get(prefect_auth.CLIENT_VAR)
+    return {prefect_auth.CLIENT_VAR: value} if value else {}

@@ -24,10 +24,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from fabloop.adapters.kafka import broker_healthy, ensure_topics
 from fabloop.adapters.store import migrate
 from fabloop.core.schemas import TOPICS
-from fabloop.infra import mlflow_auth
-from fabloop.infra.bootstrap import ensure_work_pool, register_blocks
+from fabloop.infra import mlflow_auth, prefect_auth
+from fabloop.infra.bootstrap import ensure_work_pool, kafka_connection, register_blocks
 from fabloop.infra.process import PortInUseError, ProcessManager, clean_env, port_is_free, wait_until
-from fabloop.infra.settings import WORK_POOL_TYPE, StackEndpoints, prefect_env
+from fabloop.infra.settings import WORK_POOL_TYPE, StackEndpoints, prefect_auth_env, prefect_env
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -89,6 +89,7 @@ def _prefect_server_env(ep: StackEndpoints) -> dict[str, str]:
     return {
         **prefect_env(ep),
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
+        **({prefect_auth.SERVER_VAR: prefect_auth.load_auth_string(ep.home)} if ep.prefect_auth else {}),
         "PREFECT_UI_API_URL": ep.prefect_api_url,
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
         # A run that finds its deployment's concurrency slots taken is retried after this
@@ -135,25 +136,38 @@ def _worker_env(ep: StackEndpoints) -> dict[str, str]:
     return {**prefect_env(ep), "PREFECT_WORKER_QUERY_SECONDS": "2"}
 
 
-def _http_ok(url: str) -> bool:
-    return httpx.get(url, timeout=2.0).status_code == 200
+def _http_ok(url: str, auth: tuple[str, str] | None = None) -> bool:
+    return httpx.get(url, timeout=2.0, auth=auth).status_code == 200
+
+
+def _prefect_auth(ep: StackEndpoints) -> tuple[str, str] | None:
+    return prefect_auth.basic_auth(prefect_auth_env(ep).get(prefect_auth.CLIENT_VAR))
 
 
 def _worker_healthy(ep: StackEndpoints) -> bool:
-    resp = httpx.post(f"{ep.prefect_api_url}/work_pools/{ep.work_pool}/workers/filter", json={}, timeout=2.0)
+    resp = httpx.post(f"{ep.prefect_api_url}/work_pools/{ep.work_pool}/workers/filter", json={}, timeout=2.0,
+                      auth=_prefect_auth(ep))
     return resp.status_code == 200 and any(w.get("status") == "ONLINE" for w in resp.json())
+
+
+def _kafka_healthy(ep: StackEndpoints) -> bool:
+    """The embedded broker is ours and plaintext; an external cluster is probed with the
+    Kafka block's settings (a refused login raises ``KafkaRefused`` with the reason)."""
+    if ep.embedded_kafka:
+        return broker_healthy({"bootstrap.servers": ep.kafka_bootstrap_servers})
+    return broker_healthy(kafka_connection(ep).client_config())
 
 
 def components(ep: StackEndpoints) -> list[Component]:
     return [
         Component(
             "kafka", ep.kafka_bootstrap_servers, ep.embedded_kafka, _broker_cmd, lambda ep: {},
-            lambda ep: broker_healthy({"bootstrap.servers": ep.kafka_bootstrap_servers}),
-            port=_hostport(ep.kafka_bootstrap_servers)[1], start_timeout=30,
+            _kafka_healthy, port=_hostport(ep.kafka_bootstrap_servers)[1], start_timeout=30,
         ),
         Component(
             "prefect", ep.prefect_ui_url, ep.embedded_prefect, _prefect_cmd, _prefect_server_env,
-            lambda ep: _http_ok(f"{ep.prefect_api_url}/health"), port=_hostport(ep.prefect_api_url)[1],
+            lambda ep: _http_ok(f"{ep.prefect_api_url}/health", _prefect_auth(ep)),
+            port=_hostport(ep.prefect_api_url)[1],
         ),
         Component(
             "mlflow", ep.mlflow_tracking_uri, ep.embedded_mlflow, _mlflow_cmd, _mlflow_env,
@@ -232,6 +246,8 @@ class Stack:
             idle = comp.embedded and comp.port and self.pm.running(comp.name) is None
             if idle and comp.port and not port_is_free("127.0.0.1", comp.port):
                 raise PortInUseError(comp.name, "127.0.0.1", comp.port)
+        if self.ep.prefect_auth:
+            prefect_auth.ensure_auth_string(self.ep.home)  # before any Prefect process or client needs it
         self.ep.save()
         t0 = time.monotonic()
         timings: dict[str, float] = {}
@@ -242,15 +258,19 @@ class Stack:
             timings[name] = round(time.monotonic() - t0, 1)
 
         with ThreadPoolExecutor(max_workers=4) as pool:
-            futures = [pool.submit(start_timed, n) for n in ("kafka", "prefect", "mlflow")]
+            # An external Kafka is probed with the Kafka block's security settings, which
+            # live in Prefect: once the blocks are there (``_prepare_kafka``).
+            first = ("kafka", "prefect", "mlflow") if self.ep.embedded_kafka else ("prefect", "mlflow")
+            futures = [pool.submit(start_timed, n) for n in first]
             futures.append(pool.submit(self._migrate_store))
             errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise errors[0]  # type: ignore[misc]
-        ensure_topics({"bootstrap.servers": self.ep.kafka_bootstrap_servers}, self.ep.partitions, TOPICS)
         if self.ep.embedded_mlflow:
             mlflow_auth.ensure_service_account(self.ep)  # before the blocks that carry its password
         self._prepare_prefect(log)
+        self._prepare_kafka()
+        timings.setdefault("kafka", round(time.monotonic() - t0, 1))
         start_timed("worker")
         return timings
 
@@ -263,6 +283,19 @@ class Stack:
         except (SQLAlchemyError, CommandError) as exc:
             where = make_url(self.ep.database_url).render_as_string(hide_password=True)
             raise RuntimeError(f"cannot bring the event store at {where} to the current schema: {exc}") from exc
+
+    def _prepare_kafka(self, timeout: float = 30.0) -> None:
+        """The fabloop topics, made with the Kafka block's settings (security, replication factor).
+
+        A refused login or TLS handshake raises ``KafkaRefused`` at once, naming the block
+        and the setting to fix (edit the block in the UI, then run ``up`` again).
+        """
+        kafka = kafka_connection(self.ep)
+        conf = kafka.client_config()
+        if not self.ep.embedded_kafka and not broker_healthy(conf, timeout=timeout):
+            raise TimeoutError(f"external kafka at {self.ep.kafka_bootstrap_servers} not reachable after "
+                               f"{timeout:.0f}s ({kafka.label()})")
+        ensure_topics(conf, self.ep.partitions, TOPICS, replication_factor=kafka.topic_replication())
 
     def _prepare_prefect(self, log: Callable[[str], None]) -> None:
         """Work pool and the default blocks, so deployments have somewhere to run."""

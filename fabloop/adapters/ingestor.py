@@ -45,7 +45,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fabloop.adapters.kafka import CLIENT_LOG
+from fabloop.adapters.kafka import CLIENT_LOG, with_error_cb
 from fabloop.adapters.store import ClosedWindow, IngestStore, LateReading, utcnow
 from fabloop.core.schemas import (
     DEADLETTER_TOPIC,
@@ -217,7 +217,11 @@ class Ingestor:
         settings: IngestSettings | None = None,
         announce: Announce | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
+        producer_conf: dict[str, Any] | None = None,
     ) -> None:
+        """``kafka_conf``: the consumer's librdkafka settings; ``producer_conf``: the dead-letter
+        producer's (default the same). A refused login or TLS handshake makes :meth:`run` raise
+        ``KafkaRefused`` (their ``error_cb``), so a misconfigured member fails instead of idling."""
         self.settings = settings or IngestSettings()
         self.engine = engine
         self.store = IngestStore(engine, catalog)
@@ -226,7 +230,7 @@ class Ingestor:
         self.consumer = Consumer(
             {
                 "logger": CLIENT_LOG,
-                **kafka_conf,
+                **with_error_cb(kafka_conf),
                 "group.id": group,
                 "client.id": self.settings.consumer_name,
                 "enable.auto.commit": False,
@@ -247,7 +251,7 @@ class Ingestor:
             }
         )
         self.producer = Producer({
-            "logger": CLIENT_LOG, **kafka_conf, "linger.ms": 5,
+            "logger": CLIENT_LOG, **with_error_cb(producer_conf or kafka_conf), "linger.ms": 5,
             "message.max.bytes": self.settings.max_message_bytes * 4,
         })
         self.totals = BatchStats()
@@ -256,7 +260,9 @@ class Ingestor:
         self._stop = threading.Event()  # run()'s stop: ends a wait for an unreachable event store
 
     async def run(self, stop: threading.Event, max_idle_s: float | None = None) -> BatchStats:
-        """Consume until ``stop`` is set (or ``max_idle_s`` without messages); always ends cleanly."""
+        """Consume until ``stop`` is set (or ``max_idle_s`` without messages); always ends cleanly,
+        committing what is stored. Raises ``KafkaRefused`` when the cluster refuses this member's
+        credentials or TLS: waiting would not fix a setting."""
         self._stop = stop
         await self.store.prepare()
         await self._announce_pending()

@@ -11,6 +11,7 @@ import os
 import typer
 
 from fabloop.cli import approvals, backtest, data, stack, stream
+from fabloop.cli._common import credential_refused, fail
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Event-driven retraining for fab models on Prefect.")
 
@@ -23,4 +24,10 @@ backtest.register(app)  # backtest
 
 def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    app()
+    try:
+        app()
+    except Exception as exc:
+        if (refused := credential_refused(exc)) is None:
+            raise
+        fail(refused)
+        raise SystemExit(1) from None

@@ -34,6 +34,23 @@ def fail(exc: object, *, soft_wrap: bool = False) -> None:
     console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=soft_wrap)
 
 
+def credential_refused(exc: BaseException) -> str | None:
+    """What to tell the user when a 401 is anywhere in the exception's chain; None for any other error."""
+    import httpx
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, httpx.HTTPStatusError) and current.response.status_code == 401:
+            url = current.request.url.copy_with(query=None)
+            return (f"{url} refused this client's credential (401): for a stack started with `fabloop up --auth` "
+                    "the credential is <home>/secrets/prefect-auth; for an external server, set "
+                    "PREFECT_API_AUTH_STRING")
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def load_endpoints(home: Path | None) -> StackEndpoints:
     """The endpoints ``fabloop up`` recorded; exit 2 with the reason when there are none."""
     try:
@@ -50,16 +67,3 @@ def connect(home: Path | None) -> StackEndpoints:
     os.environ.update(prefect_env(ep))
     os.environ.update(client_env(ep))
     return ep
-
-
-def kafka_conf(ep: StackEndpoints) -> dict[str, object]:
-    """Client settings from the stack's KafkaConnection block (credentials included)."""
-    # Lazy: Prefect and the blocks take seconds to import; only publishing commands need them.
-    from fabloop.blocks import KafkaConnection, load_block
-    from fabloop.infra.bootstrap import prefect_api
-
-    try:
-        with prefect_api(ep):
-            return load_block(KafkaConnection).client_config()
-    except Exception:  # noqa: BLE001 - Prefect not reachable: fall back to the stack's address
-        return {"bootstrap.servers": ep.kafka_bootstrap_servers}

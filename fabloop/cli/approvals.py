@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 import typer
 from rich.table import Table
 
-from fabloop.cli._common import HomeOpt, connect, console, fail
+from fabloop.cli._common import HomeOpt, connect, console, credential_refused, fail
 from fabloop.core.approval import AliasVerdict, ApprovalRecord, PendingPromotion, alias_history, is_intended
 from fabloop.core.names import CHAMPION, MODEL_CHAMPION_UNEXPLAINED, PREVIOUS
 from fabloop.infra.settings import StackEndpoints
@@ -47,7 +47,8 @@ def _pending(ep: StackEndpoints, model: str | None) -> list[PendingPromotion]:
     try:
         return pending_promotions(model)
     except httpx.HTTPError as exc:
-        fail(f"cannot reach the Prefect API at {ep.prefect_api_url} ({exc}); is the stack up? (`fabloop status`)")
+        fail(credential_refused(exc) or
+             f"cannot reach the Prefect API at {ep.prefect_api_url} ({exc}); is the stack up? (`fabloop status`)")
         raise typer.Exit(1) from None
 
 

@@ -24,7 +24,7 @@ import typer
 from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fabloop.cli._common import HomeOpt, console, kafka_conf, load_endpoints
+from fabloop.cli._common import HomeOpt, console, load_endpoints
 from fabloop.cli._common import fail as print_error
 from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult
 from fabloop.core.stdf import StdfError, read_stdf
@@ -36,9 +36,21 @@ if TYPE_CHECKING:
 
 BootstrapOpt = Annotated[
     str | None,
-    typer.Option("--bootstrap-servers", help="Publish to this Kafka (plaintext, host:port[,…]) instead of the stack's; "
-                 "no running stack is needed then."),
+    typer.Option("--bootstrap-servers", help="Publish to this Kafka (host:port[,…]) instead of the stack's; plaintext "
+                 "unless --kafka-config or --kafka-block adds security. No running stack is needed then."),
 ]
+KafkaConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--kafka-config", exists=True, dir_okay=False,
+                 help="librdkafka properties file (key=value: security.protocol, sasl.*, ssl.*, …, as for kcat -F); "
+                 "no running stack is needed. Keep it mode 600 when it holds a password."),
+]
+KafkaBlockOpt = Annotated[
+    str | None,
+    typer.Option("--kafka-block", help="Publish with this saved Kafka block of the stack (default: 'default')."),
+]
+
+DEFAULT_BLOCK = "default"
 
 LINE_WAFER = "@line"
 """``--wafer-col @line``: tables without wafer ids (public SECOM) get ``<file>-<digest>-L<line>``."""
@@ -61,11 +73,43 @@ def say(message: str) -> None:
 # ----------------------------------------------------------------------- Kafka
 
 
-def kafka_target(home: Path | None, bootstrap_servers: str | None) -> dict[str, Any]:
-    """Client settings: ``--bootstrap-servers`` if given, else the stack's Kafka block."""
-    if bootstrap_servers:
+def kafka_target(home: Path | None, bootstrap_servers: str | None, kafka_config: Path | None = None,
+                 kafka_block: str | None = None) -> dict[str, Any]:
+    """Producer settings: a properties file, or plaintext ``--bootstrap-servers``, or a Kafka block of the stack
+    (``--bootstrap-servers`` then only re-points it). Exit 2 when none of them can be read."""
+    from fabloop.adapters.kafka import read_properties, refusal_handler
+
+    if kafka_config is not None and kafka_block is not None:
+        fail("give --kafka-config or --kafka-block, not both")
+        raise typer.Exit(2)
+    if kafka_config is not None:
+        try:
+            conf: dict[str, Any] = dict(read_properties(kafka_config))
+        except (OSError, ValueError) as exc:
+            fail(exc)
+            raise typer.Exit(2) from None
+        if bootstrap_servers:
+            conf["bootstrap.servers"] = bootstrap_servers
+        if "bootstrap.servers" not in conf:
+            fail(f"{kafka_config}: no bootstrap.servers (add it, or give --bootstrap-servers)")
+            raise typer.Exit(2)
+        return {**conf, "error_cb": refusal_handler(conf, f"--kafka-config {kafka_config}")}
+    if bootstrap_servers and kafka_block is None:
         return {"bootstrap.servers": bootstrap_servers}
-    return kafka_conf(load_endpoints(home))
+    ep = load_endpoints(home)
+    from fabloop.infra.bootstrap import kafka_connection
+
+    try:
+        block = kafka_connection(ep, kafka_block or DEFAULT_BLOCK)
+    except Exception as exc:  # noqa: BLE001 - Prefect unreachable, no such block, or a block that fails validation
+        if kafka_block is None and not isinstance(exc, ValidationError):
+            return {"bootstrap.servers": ep.kafka_bootstrap_servers}  # the stack's own broker, as `up` made it
+        fail(f"cannot load the Kafka block {kafka_block or DEFAULT_BLOCK!r} from the stack's Prefect at "
+             f"{ep.prefect_api_url}: {exc}")
+        raise typer.Exit(2) from None
+    if bootstrap_servers:
+        block = block.model_copy(update={"bootstrap_servers": bootstrap_servers})
+    return block.producer_config()
 
 
 def check_topics(conf: dict[str, Any], topics: Iterable[str], timeout: float = 5.0) -> None:
@@ -74,12 +118,15 @@ def check_topics(conf: dict[str, Any], topics: Iterable[str], timeout: float = 5
     Without this a producer would wait minutes for a broker or topic that is not there.
     """
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
+
+    from fabloop.adapters.kafka import KafkaRefused, cluster_metadata
 
     where = conf.get("bootstrap.servers", "?")
     try:
-        probe: dict[str, Any] = {**conf, "logger": _PROBE_LOG}
-        meta = AdminClient(probe).list_topics(timeout=timeout)
+        meta = cluster_metadata(conf, timeout, logger=_PROBE_LOG)
+    except KafkaRefused as exc:
+        fail(exc)
+        raise typer.Exit(1) from None
     except KafkaException as exc:
         fail(f"cannot reach Kafka at {where}: {exc.args[0].str() if exc.args else exc}")
         raise typer.Exit(1) from None
@@ -244,6 +291,8 @@ def replay(
     bad_rows_out: Annotated[Path | None, typer.Option(help="Write every bad row (line, column, reason) to "
                                                          "this CSV.")] = None,
     bootstrap_servers: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_block: KafkaBlockOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Stream a recorded table into Kafka as sensor and test events, in time order."""
@@ -297,7 +346,7 @@ def replay(
             f"({span}); nothing was published")
         return
 
-    conf = kafka_target(home, bootstrap_servers)
+    conf = kafka_target(home, bootstrap_servers, kafka_config, kafka_block)
     check_topics(conf, (SENSOR_TOPIC, TEST_TOPIC))
     pace = "as fast as possible" if speed == 0 else f"at {speed:g}× real time"
     say(f"publishing to {conf.get('bootstrap.servers')} {pace}")
@@ -328,7 +377,7 @@ def _publish_with_progress(
     describe: Callable[[SensorReading | TestResult], str] | None = None, label: str = "publishing",
 ) -> tuple[Any, float, datetime | None, datetime | None]:
     """Publish with a progress bar; Ctrl-C flushes what was handed over and says so."""
-    from fabloop.adapters.kafka import make_producer, publish_events
+    from fabloop.adapters.kafka import KafkaRefused, make_producer, publish_events
 
     producer = make_producer(conf)
     seen: dict[str, Any] = {"n": 0, "first": None, "last": None}
@@ -345,14 +394,22 @@ def _publish_with_progress(
             else:
                 progress.update(bar, advance=1, description=describe(event))
 
+        refused: KafkaRefused | None = None
         try:
             stats = publish_events(producer, events, on_event=on_event)
+        except KafkaRefused as exc:
+            refused = exc.with_traceback(None)  # drops the frames that hold the producer
         except KeyboardInterrupt:
             left = producer.flush(10)
             progress.stop()
             fail(f"interrupted after {seen['n'] - left} of {total} events; running the command again is safe "
                  "(same event ids, ingest stores each once)")
             raise typer.Exit(130) from None
+        if refused is not None:
+            progress.stop()
+            del producer  # destroyed now, not while the interpreter shuts down
+            fail(refused)
+            raise typer.Exit(1)
     return stats, time.monotonic() - t0, seen["first"], seen["last"]
 
 
@@ -365,6 +422,8 @@ def publish_stdf(
         min=0, max=100, help="A wafer event passes when its yield % is at least this.")] = 80.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Parse and report; publish nothing.")] = False,
     bootstrap_servers: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_block: KafkaBlockOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Publish tester STDF files as per-wafer and per-part test events.
@@ -393,7 +452,7 @@ def publish_stdf(
             say(f"  dry run: would publish {len(summary.events)} events ({wafer_events} per wafer, {parts} per part)")
             continue
         if conf is None:
-            conf = kafka_target(home, bootstrap_servers)
+            conf = kafka_target(home, bootstrap_servers, kafka_config, kafka_block)
             check_topics(conf, (TEST_TOPIC,))
         stats, seconds, _, _ = _publish_with_progress(conf, summary.events, len(summary.events),
                                                       label=f"publishing {path.name}")

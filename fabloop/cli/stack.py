@@ -32,6 +32,10 @@ def up(
         envvar="FABLOOP_MLFLOW_TRACKING_URI", help="Use this MLflow server instead of starting one.")] = None,
     kafka_bootstrap_servers: Annotated[str | None, typer.Option(
         envvar="FABLOOP_KAFKA_BOOTSTRAP_SERVERS", help="Use this Kafka cluster instead of starting a broker.")] = None,
+    auth: Annotated[bool | None, typer.Option(
+        "--auth/--no-auth", envvar="FABLOOP_PREFECT_AUTH",
+        help="Turn on the embedded Prefect server's basic auth for the server and every client; the "
+             "credential is kept in <home>/secrets/prefect-auth (mode 600).")] = None,
 ) -> None:
     """Start the embedded stack (broker, Prefect server + worker, MLflow) and wait until healthy."""
     from fabloop.infra.stack import Stack
@@ -39,8 +43,11 @@ def up(
     stack_settings = settings(
         home, prefect_port=prefect_port, mlflow_port=mlflow_port, kafka_port=kafka_port, partitions=partitions,
         database_url=database_url, prefect_api_url=prefect_api_url, mlflow_tracking_uri=mlflow_tracking_uri,
-        kafka_bootstrap_servers=kafka_bootstrap_servers,
+        kafka_bootstrap_servers=kafka_bootstrap_servers, prefect_auth=auth,
     )
+    if stack_settings.prefect_auth and prefect_api_url:
+        fail("--auth protects the embedded Prefect server; for an external one, set PREFECT_API_AUTH_STRING")
+        raise typer.Exit(2)
     ep = stack_settings.resolve()
     explicit = stack_settings.model_fields_set - {"home"}
     try:
@@ -91,26 +98,41 @@ def run_main(
     (ep.home / "mainjob-result.json").write_text(json.dumps(result, indent=2, default=str))
 
 
-def deploy(home: HomeOpt = None) -> None:
-    """Register fabloop's deployments, schedules and event triggers (prefect.yaml)."""
+def deploy(
+    home: HomeOpt = None,
+    notify_block: Annotated[str | None, typer.Option(
+        envvar="FABLOOP_NOTIFY_BLOCK",
+        help="Name of the notification block (any type) messages go through [default: fabloop-notify].")] = None,
+) -> None:
+    """Register fabloop's deployments, schedules and event triggers (prefect.yaml), and the notifications."""
     from fabloop.deployments import DEPLOYMENTS, deployment_name
     from fabloop.deployments import deploy as apply_prefect_yaml
+    from fabloop.deployments.notifications import notification_status
 
     ep = load_endpoints(home)
     with console.status("applying prefect.yaml…"):
         try:
-            apply_prefect_yaml(ep)
+            apply_prefect_yaml(ep, notify_block=notify_block)
         except RuntimeError as exc:
             fail(exc)
             raise typer.Exit(1) from None
     names = ", ".join(deployment_name(d) for d in DEPLOYMENTS)
     console.print(f"deployments ready: {names} on work pool {ep.work_pool}")
+    console.print(notification_status(ep, notify_block), markup=False, highlight=False)
 
 
 def status(home: HomeOpt = None) -> None:
     """Show each component, its URL and health."""
     ep = load_endpoints(home)
     healthy = _print_status(ep)
+    if healthy:
+        from fabloop.deployments.notifications import notification_status
+
+        try:
+            line = notification_status(ep)
+        except Exception as exc:  # noqa: BLE001 - a status line, not a failure of the stack
+            line = f"notifications: unknown ({exc})"
+        console.print(line, markup=False, highlight=False)
     raise typer.Exit(0 if healthy else 1)
 
 
@@ -128,6 +150,9 @@ def _print_status(ep: StackEndpoints) -> bool:
         )
     console.print(table)
     console.print(f"event store: {_redact(ep.database_url)}")
+    if ep.prefect_auth:
+        console.print(f"Prefect API: basic auth on (credential in {ep.home / 'secrets' / 'prefect-auth'})",
+                      markup=False, highlight=False)
     return all(s.healthy for s in rows)
 
 

@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fabloop.cli._common import HomeOpt, connect, console, fail, kafka_conf, load_endpoints
+from fabloop.cli._common import HomeOpt, connect, console, fail, load_endpoints
+from fabloop.infra.settings import StackEndpoints
 
 
 def simulate(
@@ -31,7 +32,7 @@ def simulate(
     ] = None,
 ) -> None:
     """Publish a realistic, seeded fab stream to the stack's Kafka."""
-    from fabloop.adapters.kafka import make_producer, publish_events
+    from fabloop.adapters.kafka import KafkaRefused, make_producer, publish_events
     from fabloop.core.publishing import paced_by_rate, parse_drift_spec
     from fabloop.core.simulate import SimulationConfig
     from fabloop.core.simulate import simulate as simulate_events
@@ -46,16 +47,37 @@ def simulate(
     except (ValueError, ValidationError) as exc:
         fail(exc)
         raise typer.Exit(2) from None
-    producer = make_producer(kafka_conf(ep))
+    producer = make_producer(_producer_conf(ep))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("publishing events", total=2 * wafers)
-        stats = publish_events(
-            producer, paced_by_rate(simulate_events(config), rate), on_event=lambda _e: progress.advance(bar)
-        )
+        refused: KafkaRefused | None = None
+        try:
+            stats = publish_events(
+                producer, paced_by_rate(simulate_events(config), rate), on_event=lambda _e: progress.advance(bar)
+            )
+        except KafkaRefused as exc:
+            refused = exc.with_traceback(None)  # drops the frames that hold the producer
+    if refused is not None:
+        del producer  # destroyed now, not while the interpreter shuts down
+        fail(refused)
+        raise typer.Exit(1)
     console.print(f"published {stats.published} events ({stats.failed} failed)")
     if stats.failed:
         raise typer.Exit(1)
+
+
+def _producer_conf(ep: StackEndpoints) -> dict[str, Any]:
+    """The Kafka block's producer settings (security, idempotence); the stack's own address
+    when its Prefect cannot be reached, as before."""
+    from fabloop.infra.bootstrap import kafka_connection
+
+    try:
+        return kafka_connection(ep).producer_config()
+    except ValidationError:
+        raise
+    except Exception:  # noqa: BLE001 - Prefect not reachable (or no block yet)
+        return {"bootstrap.servers": ep.kafka_bootstrap_servers}
 
 
 def ingest(
@@ -74,7 +96,8 @@ def ingest(
 
     result = ingest_flow(
         batch_size=batch_size, max_idle_seconds=max_idle, consumer_name=name,
-        bootstrap_servers=bootstrap_servers, database_url=database_url, catalog_block=catalog,
+        bootstrap_servers=bootstrap_servers, database_url=SecretStr(database_url) if database_url else None,
+        catalog_block=catalog,
     )
     console.print(result)
 

@@ -15,6 +15,8 @@ DRIFT_DETECTED = "fabloop.drift.detected"
 RETRAIN_REJECTED = "fabloop.retrain.rejected"
 CHALLENGER_REGISTERED = "fabloop.challenger.registered"
 CHALLENGER_REJECTED = "fabloop.challenger.rejected"
+# A promotion waits for a named person's decision (its payload: the decision link and evidence).
+PROMOTION_WAITING = "fabloop.promotion.waiting"
 MODEL_PROMOTED = "fabloop.model.promoted"
 MODEL_REJECTED = "fabloop.model.rejected"
 MODEL_SUPERSEDED = "fabloop.model.superseded"

@@ -20,7 +20,7 @@ def api(stack: RunningStack, method: str, path: str, body: dict[str, Any] | None
     write; like every Prefect client of the stack, the tests retry that
     (``PREFECT_CLIENT_MAX_RETRIES``, with back-off) instead of failing on it.
     """
-    with PrefectHttpxSyncClient(base_url=stack.ep.prefect_api_url, timeout=20) as client:
+    with PrefectHttpxSyncClient(base_url=stack.ep.prefect_api_url, timeout=20, auth=stack.prefect_auth) as client:
         resp = client.request(method, path, json=body)
     return resp.json() if resp.content else None
 

@@ -13,6 +13,7 @@ import httpx
 import psutil
 
 from fabloop.infra.mlflow_auth import client_env, load_secrets
+from fabloop.infra.prefect_auth import CLIENT_VAR, basic_auth
 from fabloop.infra.process import free_port
 from fabloop.infra.settings import StackEndpoints, prefect_env
 
@@ -45,17 +46,22 @@ class RunningStack:
         return {"bootstrap.servers": self.ep.kafka_bootstrap_servers}
 
     @property
+    def prefect_auth(self) -> tuple[str, str] | None:
+        """The Prefect API's basic-auth credential when the stack has one (``fabloop up --auth``)."""
+        return basic_auth(self.env.get(CLIENT_VAR))
+
+    @property
     def mlflow_account(self) -> tuple[str, str]:
         """The service account (username, password), for plain HTTP to the stack's MLflow (links, artifacts)."""
         creds = load_secrets(self.ep.home)
         return creds.service_username, creds.service_password.get_secret_value()
 
 
-def start_stack(home: Path, partitions: int = 3) -> RunningStack:
+def start_stack(home: Path, partitions: int = 3, auth: bool = False) -> RunningStack:
     env = {"FABLOOP_HOME": str(home)}
     args = [
         "up", "--prefect-port", str(free_port()), "--mlflow-port", str(free_port()),
-        "--kafka-port", str(free_port()), "--partitions", str(partitions),
+        "--kafka-port", str(free_port()), "--partitions", str(partitions), *(["--auth"] if auth else []),
     ]
     t0 = time.monotonic()
     out = fabloop(*args, env=env, timeout=240)

@@ -53,6 +53,11 @@ def test_kill_9_mid_stream_then_restart_stores_every_event_exactly_once(
     # Window bookkeeping is exactly-once too: every reading sits in exactly one window.
     memberships = query(database_url, select(WindowWaferRow.event_id))
     assert Counter(r[0] for r in memberships) == Counter(e.event_id for e in events if isinstance(e, SensorReading))
+    # The store's URL (it may hold a password) is masked in the runs' parameters.
+    runs = api(stack, "POST", "/flow_runs/filter",
+               {"flows": {"name": {"any_": ["ingest"]}}, "sort": "START_TIME_DESC", "limit": 200})
+    ours = [r["parameters"] for r in runs if r["parameters"].get("bootstrap_servers") == broker.bootstrap]
+    assert len(ours) == 2 and all(p["database_url"] == "*" * 10 for p in ours), ours
 
 
 def test_sigterm_finishes_the_batch_commits_and_exits_cleanly(
