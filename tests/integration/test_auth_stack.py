@@ -11,7 +11,9 @@ import json
 import os
 import stat
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -20,7 +22,9 @@ import pytest
 from fabloop.infra.bootstrap import prefect_api
 from fabloop.infra.mlflow_auth import client_env
 from fabloop.infra.prefect_auth import CLIENT_VAR, SERVER_VAR, auth_file
+from fabloop.mainjob import _ensure_ingest_running
 from tests.helpers import prefect_api as api
+from tests.helpers.ingest import wait_for_rows
 from tests.helpers.promotion import register, save_policy, start_deployment_run, tiny_model_uris, unique_model
 from tests.helpers.stack import RunningStack, fabloop, registry_alias, stack_processes, start_stack
 from tests.helpers.waiting import wait_for
@@ -46,6 +50,13 @@ def auth_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStac
             else:
                 os.environ[name] = value
         fabloop("down", env=running.env, check=False)
+
+
+@pytest.fixture(scope="module")
+def deployed(auth_stack: RunningStack) -> RunningStack:
+    """``fabloop deploy`` with auth on (the CLI, as an engineer runs it)."""
+    fabloop("deploy", env=auth_stack.env)
+    return auth_stack
 
 
 def _environ(home: Path, component: str) -> dict[str, str]:
@@ -74,11 +85,11 @@ def test_only_the_stacks_credential_opens_the_api_and_it_stays_out_of_stack_json
     assert stack_processes(ep.home), "the stack's processes are not found by their home"
 
 
-def test_status_deploy_a_worker_run_and_a_cli_decision_work_with_auth_on(auth_stack: RunningStack) -> None:
+def test_status_deploy_a_worker_run_and_a_cli_decision_work_with_auth_on(deployed: RunningStack) -> None:
+    auth_stack = deployed
     ep, env = auth_stack.ep, auth_stack.env
     status = fabloop("status", env=env)
     assert "basic auth on" in status.stdout
-    fabloop("deploy", env=env)
     names = {d["name"] for d in api.api(auth_stack, "POST", "/deployments/filter", {})}
     assert {"ingest", "drift-check", "retrain", "promote"} <= names
 
@@ -112,3 +123,31 @@ def test_status_deploy_a_worker_run_and_a_cli_decision_work_with_auth_on(auth_st
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "refused this client's credential (401)" in refused.stdout, refused.stdout + refused.stderr
     assert "Traceback" not in refused.stdout + refused.stderr
+
+
+def test_the_main_jobs_stream_steps_run_with_auth_on(deployed: RunningStack) -> None:
+    """What ``fabloop run`` does before any decision: publish with the Kafka block (read from
+    the API), start the ingest deployment, store events from a worker's flow run, close
+    windows (events into Prefect's feed), and let the window trigger start drift checks
+    that complete and ask for the first trainings."""
+    auth_stack = deployed
+    ep, env = auth_stack.ep, auth_stack.env
+    since = datetime.now(UTC)
+    published = fabloop("simulate", "--wafers", "650", "--sensors", "8", "--seed", "11", env=env)
+    assert "published" in published.stdout and "(0 failed)" in published.stdout, published.stdout
+    with prefect_api(ep):
+        ingest_run = _ensure_ingest_running()
+    # The simulator spreads 650 wafers over its tools: every tool's first 200-wafer window closes.
+    assert wait_for_rows(ep.database_url, at_least=1300, timeout=240) >= 1300  # a reading and a result per wafer
+    assert api.flow_run(auth_stack, ingest_run)["state_type"] == "RUNNING"
+
+    def drift_checks_done() -> list[dict[str, Any]] | None:
+        runs = api.runs_of_flow(auth_stack, "drift-check", since)
+        done = [r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+        return done if done and len(done) == len(runs) else None
+
+    checks = wait_for("the window trigger's drift checks to finish", drift_checks_done, timeout=300, interval=3)
+    assert {r["state_type"] for r in checks} == {"COMPLETED"}, [(r["name"], r["state"]["message"]) for r in checks]
+    # No champion yet: each check asked for a first training, started as a deployment run.
+    wait_for("a first training to be started", lambda: api.runs_of_flow(auth_stack, "retrain", since) or None,
+             timeout=120, interval=3)
