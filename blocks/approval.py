@@ -20,7 +20,7 @@ class ApprovalPolicy(Block):
     _block_type_slug = "fabloop-approval-policy"
     _description = (
         "Names allowed to approve or reject a challenger model (self-declared on the form), "
-        "how long a promotion waits for a decision, and how often a paused run checks for one."
+        "and how long a promotion waits for a decision."
     )
 
     approvers: list[str] = Field(
@@ -31,7 +31,8 @@ class ApprovalPolicy(Block):
         default=3 * 24 * 3600, ge=1, description="How long a promotion waits before it ends as rejected."
     )
     poll_seconds: int = Field(
-        default=5, ge=1, description="How often the paused run checks whether it was resumed."
+        default=5, ge=1,
+        description="Unused: a waiting promotion is suspended and polls nothing (kept so saved blocks load).",
     )
 
     @field_validator("approvers")

@@ -12,10 +12,18 @@ if __name__ != "fabloop.deployments":
         f"import fabloop.deployments, not {__name__!r} (the folder is installed under the fabloop namespace)"
     )
 
-from fabloop.core.names import DRIFT_CHECK_DEPLOYMENT, INGEST_DEPLOYMENT, PROMOTE_DEPLOYMENT, RETRAIN_DEPLOYMENT
+from fabloop.core.names import (
+    DRIFT_CHECK_DEPLOYMENT,
+    INGEST_DEPLOYMENT,
+    PROMOTE_DEPLOYMENT,
+    PROMOTION_TIMEOUT_DEPLOYMENT,
+    RETRAIN_DEPLOYMENT,
+)
 from fabloop.deployments.process import PREFECT_YAML, PULL_STEPS, PYTHON_VAR, WORK_POOL, WORK_POOL_TYPE, deploy
 
-DEPLOYMENTS = (INGEST_DEPLOYMENT, DRIFT_CHECK_DEPLOYMENT, RETRAIN_DEPLOYMENT, PROMOTE_DEPLOYMENT)
+DEPLOYMENTS = (
+    INGEST_DEPLOYMENT, DRIFT_CHECK_DEPLOYMENT, RETRAIN_DEPLOYMENT, PROMOTE_DEPLOYMENT, PROMOTION_TIMEOUT_DEPLOYMENT,
+)
 """Every deployment ``prefect.yaml`` defines, as ``flow-name/deployment-name`` (what run_deployment takes)."""
 
 

@@ -72,8 +72,8 @@ def silent_ingest_automation() -> AutomationCore:
 
     After each heartbeat of an ingest run, another heartbeat or a final state is
     expected within ``SILENT_AFTER``; otherwise the run is marked Crashed, and the
-    ingest deployment's own trigger on Crashed starts a new run. A paused promotion
-    beats no heartbeat and is not matched. ``prefect.yaml`` cannot hold it: a
+    ingest deployment's own trigger on Crashed starts a new run. A promotion (suspended,
+    with no process, while it waits) beats no heartbeat and is not matched. ``prefect.yaml`` cannot hold it: a
     deployment trigger can only run its deployment.
     """
     return AutomationCore(

@@ -19,7 +19,9 @@ from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.events import emit_event
+from prefect.runtime import flow_run
 from prefect.states import Completed, State
+from prefect.utilities.urls import url_for
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fabloop.adapters import registry, store
@@ -66,8 +68,9 @@ def retrain(
 ) -> dict[str, Any] | State[dict[str, Any]]:
     """Retrain ``model`` on its scope's labelled wafers and offer the result as challenger.
 
-    ``promotion``: ``deployment`` starts the ``promote`` deployment as a child run
-    (the approval pause lives there); ``off`` stops after the challenger gate.
+    ``promotion``: ``deployment`` starts a run of the ``promote`` deployment (the
+    approval waits there, suspended; the summary's ``promote_flow_run`` names it and its
+    decision page links back here); ``off`` stops after the challenger gate.
     Returns the summary, or for a refused training set a ``Completed`` state named
     ``Refused`` whose result says why.
     """
@@ -163,18 +166,28 @@ def _announce(model: str, version: str, verdict: GateVerdict, challenger: dict[s
 def _start_promotion(
     summary: dict[str, Any], reasons: list[str], window_ids: list[int], drift_check_id: int | None,
 ) -> str:
-    """Start ``promote`` as a child run (it pauses for approval); returns its flow run id."""
+    """Start a run of ``promote`` (it suspends until approved); returns its flow run id.
+
+    Not a subflow: Prefect suspends only top-level runs. The link between the two runs
+    is this run's page on the decision page and the promotion's id in this run's result.
+    """
     model, version = summary["model"], summary["version"]
     gate = GateVerdict(**summary["gate"]).summary()
+    links = dict(summary["links"])
+    retraining = flow_run.get_id()
+    if retraining and (page := url_for("flow-run", obj_id=retraining)):
+        links["retraining_flow_run"] = page
     child = run_deployment(
-        PROMOTE_DEPLOYMENT, timeout=0, as_subflow=True,
+        PROMOTE_DEPLOYMENT, timeout=0, as_subflow=False,
         parameters={"model": model, "challenger_version": str(version), "reasons": reasons,
                     "metrics": summary["metrics"],
-                    "links": summary["links"], "trigger": {"window_ids": window_ids, "drift_check_id": drift_check_id,
-                                                           "retrain_flow_run": summary.get("run_id"),
-                                                           "challenger_gate": gate}},
+                    "links": links, "trigger": {"window_ids": window_ids, "drift_check_id": drift_check_id,
+                                                "retrain_flow_run": retraining,
+                                                "challenger_training_run": summary.get("run_id"),
+                                                "challenger_gate": gate}},
     )
     assert isinstance(child, FlowRun)  # run_deployment is typed maybe-a-coroutine; a sync flow gets the run
-    get_run_logger().info("promotion of v%s awaiting approval: flow run %s", version, child.id)
+    get_run_logger().info("promotion of v%s awaiting approval: flow run %s %s", version, child.id,
+                          url_for("flow-run", obj_id=child.id) or "")
     return str(child.id)
 

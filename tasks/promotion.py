@@ -3,8 +3,11 @@
 Writing the audit row, tagging a version and moving an alias are separate tasks so
 that the run graph shows what a decision did to the registry, and so that each can
 be retried on its own. They take the flow run's engine or MLflow client, which no
-cache key can hash: every task here uses ``NO_CACHE``. Reads that only prepare the
-decision page are plain functions, run inline.
+cache key can hash: every task here uses ``NO_CACHE``, and keeps no result
+(``persist_result=False``, whatever the promote flow persists): a resumed promotion
+runs again from the top and decides from the audit rows and the registry, never
+from a task's earlier result. Reads that only prepare the decision page are plain
+functions, run inline.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from fabloop.tasks.retries import TRANSIENT
 # --- writes: one task run per step ----------------------------------------------------------
 
 
-@task(name="record-decision", cache_policy=NO_CACHE, **TRANSIENT)
+@task(name="record-decision", cache_policy=NO_CACHE, persist_result=False, **TRANSIENT)
 def record_decision(engine: AsyncEngine, record: ApprovalRecord) -> ApprovalRecord:
     """Append the decision to the approvals table (the audit trail); returns it with id and time."""
     return store.run_sync(store.record_decision(engine, record))
 
 
-@task(name="complete-decision", cache_policy=NO_CACHE, **TRANSIENT)
+@task(name="complete-decision", cache_policy=NO_CACHE, persist_result=False, **TRANSIENT)
 def complete_decision(
     engine: AsyncEngine, record: ApprovalRecord, previous: str | None, detail: dict[str, Any] | None = None
 ) -> ApprovalRecord:
@@ -39,13 +42,13 @@ def complete_decision(
     return store.run_sync(store.complete_decision(engine, record.id, previous, detail))
 
 
-@task(name="tag-version", cache_policy=NO_CACHE, **TRANSIENT)
+@task(name="tag-version", cache_policy=NO_CACHE, persist_result=False, **TRANSIENT)
 def tag_version(mlflow: MlflowClient, model: str, version: str, tags: dict[str, object]) -> None:
     """Write the decision to the version's ``fabloop.*`` tags, where the MLflow UI shows it."""
     registry.set_tags(mlflow, model, version, tags)
 
 
-@task(name="promote-to-champion", cache_policy=NO_CACHE, **TRANSIENT)
+@task(name="promote-to-champion", cache_policy=NO_CACHE, persist_result=False, **TRANSIENT)
 def promote_to_champion(mlflow: MlflowClient, model: str, version: str, replaced: str | None = None) -> str | None:
     """Move ``champion`` to ``version`` (the replaced champion keeps ``previous``); returns the replaced one.
 
@@ -54,13 +57,13 @@ def promote_to_champion(mlflow: MlflowClient, model: str, version: str, replaced
     return registry.promote_to_champion(mlflow, model, version, replaced)
 
 
-@task(name="drop-challenger-alias", cache_policy=NO_CACHE, **TRANSIENT)
+@task(name="drop-challenger-alias", cache_policy=NO_CACHE, persist_result=False, **TRANSIENT)
 def drop_challenger_alias(mlflow: MlflowClient, model: str, version: str) -> None:
     """Take ``challenger`` off ``version`` unless a newer challenger already carries it."""
     registry.drop_alias_if_on(mlflow, model, CHALLENGER, version)
 
 
-@task(name="rollback-champion", cache_policy=NO_CACHE, **TRANSIENT)
+@task(name="rollback-champion", cache_policy=NO_CACHE, persist_result=False, **TRANSIENT)
 def rollback_champion(mlflow: MlflowClient, model: str, planned: tuple[str, str]) -> tuple[str, str]:
     """Move ``champion`` back from ``planned`` (demoted, restored); returns them. Safe to repeat."""
     return registry.rollback_champion(mlflow, model, planned)

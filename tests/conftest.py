@@ -138,6 +138,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
-def launcher(stack: RunningStack, request: pytest.FixtureRequest) -> PromotionLauncher:
-    """Runs ``promote`` flows in one long-lived process of the session (see tests.helpers.promotion)."""
-    return session_launcher(stack, request)
+def launcher(stack: RunningStack, deployments: None) -> PromotionLauncher:
+    """Starts ``promote`` runs of the session stack's deployment; its worker runs them (tests.helpers.promotion)."""
+    return session_launcher(stack)

@@ -1,11 +1,12 @@
 """``fabloop approvals / approve / reject / rollback / audit``: human decisions from the terminal.
 
-``approve`` and ``reject`` resume the paused ``promote`` run of the version the
+``approve`` and ``reject`` resume the suspended ``promote`` run of the version the
 engineer names (``--version``: the one they reviewed, never just the newest) with
 exactly the input the Prefect UI's Resume form sends, so the flow (not this
-command) checks the allowlist and records the decision; the command then waits for
-the outcome and reports it. Any outcome other than the one asked for (refused,
-superseded meanwhile, timed out) exits 1.
+command) checks the allowlist and records the decision. A suspended run has no
+process: once resumed it waits for a worker to start it again, and the command
+waits for the outcome and reports it. Any outcome other than the one asked for
+(refused, superseded meanwhile, timed out) exits 1.
 
 ``audit`` reads the decisions back: a model's alias history, or (``--verify``)
 every model's aliases in the registry compared with the decisions that should
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
@@ -30,7 +31,9 @@ from fabloop.core.names import CHAMPION, MODEL_CHAMPION_UNEXPLAINED, PREVIOUS
 from fabloop.infra.settings import StackEndpoints
 
 ApproverOpt = Annotated[str, typer.Option("--as", help="Your name, as on the approver allowlist.", show_default=False)]
-WaitOpt = Annotated[float, typer.Option(help="Seconds to wait for the outcome (0: do not wait).")]
+WaitOpt = Annotated[float, typer.Option(
+    help="Seconds to wait for the outcome: a worker must start the resumed run first (0: do not wait).",
+)]
 VersionOpt = Annotated[str, typer.Option(
     "--version", help="The challenger version you reviewed; refused unless it is the one waiting.", show_default=False,
 )]
@@ -98,7 +101,9 @@ def approvals(
         table.add_column(col)
     for p in pending:
         left = (p.times_out - now).total_seconds() if p.times_out else None
-        table.add_row(p.model, p.version, _age(p.age_seconds(now)), _age(left), p.flow_run_name)
+        # Past its deadline, a promotion waits only for its timeout run (a worker must be running).
+        due = "overdue" if left is not None and left < 0 else _age(left)
+        table.add_row(p.model, p.version, _age(p.age_seconds(now)), due, p.flow_run_name)
     console.print(table)
     # Links on their own lines, never folded, so that they stay clickable and copyable.
     for p in pending:
@@ -130,7 +135,6 @@ def _decide(
         fail(f"version {version} of {model} is not the pending one (waiting for a decision: version {waiting}); "
              "review that version before deciding")
         raise typer.Exit(1)
-    target = _alive(ep, target, max(wait, 180.0))
     try:
         left = resume_promotion(target.flow_run_id, decision, approver, comment)
     except ResumeRefused as exc:
@@ -140,9 +144,17 @@ def _decide(
                   f"{run_url(ep, target.flow_run_id)}", markup=False, highlight=False)
     if wait <= 0:
         return
-    state = wait_for_outcome(target.flow_run_id, left, wait)
+    console.print("resumed; waiting for a worker to run the promotion and act on it", markup=False)
+
+    def progress(state: Any) -> None:
+        if state.is_running():
+            console.print("a worker is acting on it", markup=False)
+
+    state = wait_for_outcome(target.flow_run_id, left, wait, on_state=progress)
     if state is None:
-        console.print(f"the run has not acted on it within {wait:.0f}s; follow it in the Prefect UI", markup=False)
+        console.print(f"the run has not acted on it within {wait:.0f}s (is a worker running? `fabloop status`); "
+                      "the decision is kept and acted on when a worker starts the run; follow it in the Prefect UI",
+                      markup=False)
         return
     if state.is_paused():
         refused = [d for d in _decisions(ep, model, target.flow_run_id) if d.decision == "refused"]
@@ -155,41 +167,12 @@ def _decide(
         raise typer.Exit(1)
 
 
-def _alive(ep: StackEndpoints, target: PendingPromotion, timeout: float) -> PendingPromotion:
-    """The promotion to resume: ``target``, or the one started again when ``target``'s process is gone.
-
-    A worker restart takes a paused promotion's process with it while the run still
-    shows Paused. Such a run is marked Crashed, the promote deployment's trigger starts
-    the same challenger's promotion again, and the decision goes to that one.
-    """
-    import time
-
-    from fabloop.adapters.prefect_api import local_run_process_alive, mark_crashed
-    from fabloop.infra.process import ProcessManager
-
-    if ProcessManager(ep.home).running("worker") is None or local_run_process_alive(target.flow_run_id) is not False:
-        return target  # alive, or its worker is not this host's: nothing to say
-    console.print(f"the promotion of {target.model} version {target.version} lost its process (flow run "
-                  f"{target.flow_run_id}, e.g. a worker restart); starting it again", markup=False)
-    mark_crashed(target.flow_run_id, "its process is gone (worker restarted?); the promotion is started again")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        again = [p for p in _pending(ep, target.model)
-                 if p.version == target.version and p.flow_run_id != target.flow_run_id]
-        if again:
-            return again[0]
-        time.sleep(1.0)
-    fail(f"the promotion of {target.model} version {target.version} was not started again within {timeout:.0f}s; "
-         "start it from the promote deployment")
-    raise typer.Exit(1)
-
-
 def approve(
     model: Annotated[str, typer.Argument(help="Registered model name, e.g. yield-ETCH-02.")],
     version: VersionOpt,
     approver: ApproverOpt,
     comment: Annotated[str, typer.Option(help="Why (optional when approving).")] = "",
-    wait: WaitOpt = 60.0,
+    wait: WaitOpt = 180.0,
     home: HomeOpt = None,
 ) -> None:
     """Approve the model's pending challenger VERSION: it becomes champion."""
@@ -201,7 +184,7 @@ def reject(
     approver: ApproverOpt,
     comment: Annotated[str, typer.Option(help="Why the challenger is rejected (required).", show_default=False)],
     version: VersionOpt,
-    wait: WaitOpt = 60.0,
+    wait: WaitOpt = 180.0,
     home: HomeOpt = None,
 ) -> None:
     """Reject the model's pending challenger VERSION: the champion stays."""

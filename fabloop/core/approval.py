@@ -1,6 +1,6 @@
 """Human decisions on challenger models, as plain values: the records and the decision page.
 
-A pending promotion *is* a paused ``promote`` flow run (see
+A pending promotion *is* a suspended ``promote`` flow run (see
 :mod:`fabloop.adapters.prefect_api`); resuming it with the approval form is the
 decision. This module holds what needs no I/O: the audit record, the pending-run
 summary, the refusal rule and the Markdown an engineer decides from.
@@ -14,13 +14,13 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fabloop.core.names import CHAMPION, PREVIOUS, SUPERSEDED_TAG_PREFIX
+from fabloop.core.names import CHAMPION, DEADLINE_TAG_PREFIX, PREVIOUS, SUPERSEDED_TAG_PREFIX
 
 Decision = Literal["approved", "rejected", "refused", "timed_out", "superseded", "rolled_back"]
 DecisionRequest = Literal["approve", "reject"]
 
-# The reason recorded when nobody decided in time (also the message of the state
-# that takes the run back from its expired pause).
+# The reason recorded when nobody decided in time (also the comment of the system
+# answer the promotion's timeout run wakes it with).
 TIMED_OUT_REASON = "approval timed out"
 
 
@@ -175,7 +175,7 @@ class ApprovalRecord(BaseModel):
 
 
 class PendingPromotion(BaseModel):
-    """A paused ``promote`` run waiting for a decision."""
+    """A suspended ``promote`` run waiting for a decision (``times_out``: its ``decide-by`` deadline)."""
 
     flow_run_id: str
     flow_run_name: str
@@ -215,6 +215,17 @@ def superseded_reason(version: str) -> str:
 def superseded_by(tags: Sequence[str]) -> str | None:
     """The version named by a ``superseded-by:N`` tag, if any."""
     return next((t.removeprefix(SUPERSEDED_TAG_PREFIX) for t in tags if t.startswith(SUPERSEDED_TAG_PREFIX)), None)
+
+
+def deadline_tag(deadline: datetime) -> str:
+    """The flow-run tag that carries a promotion's deadline: ``decide-by:<ISO 8601 UTC, seconds>``."""
+    return f"{DEADLINE_TAG_PREFIX}{deadline.astimezone(UTC).replace(microsecond=0).isoformat()}"
+
+
+def decide_by(tags: Sequence[str]) -> datetime | None:
+    """The deadline a promotion wrote on itself (its ``decide-by:`` tag), if any."""
+    found = next((t.removeprefix(DEADLINE_TAG_PREFIX) for t in tags if t.startswith(DEADLINE_TAG_PREFIX)), None)
+    return None if found is None else datetime.fromisoformat(found)
 
 
 # --- decisions that move the champion: intent, completion, verification ---------------------

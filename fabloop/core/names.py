@@ -29,6 +29,8 @@ INGEST_DEPLOYMENT = "ingest/ingest"
 DRIFT_CHECK_DEPLOYMENT = "drift-check/drift-check"
 RETRAIN_DEPLOYMENT = "retrain/retrain"
 PROMOTE_DEPLOYMENT = "promote/promote"
+# Scheduled by each promotion at its deadline: ends it if it is still waiting.
+PROMOTION_TIMEOUT_DEPLOYMENT = "promotion-timeout/promotion-timeout"
 
 # --- MLflow registry aliases ---------------------------------------------------------
 CHAMPION = "champion"
@@ -39,8 +41,13 @@ PREVIOUS = "previous"
 PROMOTION_TAG = "fabloop.promotion"
 ROLLBACK_TAG = "fabloop.rollback"
 SUPERSEDED_TAG_PREFIX = "superseded-by:"
-# The name a superseding run resumes an older one with; the older run trusts only
-# its own ``superseded-by:`` tag, never this input, to end itself.
+# A promotion's deadline, written on its flow run by its first execution (ISO 8601, UTC).
+DEADLINE_TAG_PREFIX = "decide-by:"
+# The keys of a promotion's successive suspensions: decision-1, decision-2, …
+DECISION_KEY_PREFIX = "decision-"
+# The name the system resumes a suspended promotion with, to wake it: a superseding
+# run (the woken run then trusts only its own ``superseded-by:`` tag) or the
+# promotion's timeout run at the deadline.
 SYSTEM_APPROVER = "fabloop"
 
 

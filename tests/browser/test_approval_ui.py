@@ -1,10 +1,11 @@
 """An engineer approves a challenger in the real Prefect UI, in headless Chromium.
 
-The paused ``promote`` run is opened at its page in the Prefect UI, "Resume" opens
-the form whose description is the decision page (metrics table included); a
-rejection without a comment is refused by the server with a visible error and the
-run stays paused; an approval then makes the challenger champion and the audit
-record names the approver typed into the form.
+The suspended ``promote`` run (no process while it waits) is opened at its page in
+the Prefect UI, "Resume" opens the form whose description is the decision page
+(metrics table included); a rejection without a comment is refused by the server
+with a visible error and the run stays suspended; an approval then has a worker run
+the promotion again, which makes the challenger champion, and the audit record
+names the approver typed into the form.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def test_approve_from_the_prefect_ui(stack: RunningStack, launcher: PromotionLau
         finally:
             browser.close()
 
-    assert wait_completed(stack, run)["name"] == "Approved"
+    assert wait_completed(stack, run, timeout=120)["name"] == "Approved"
     assert (alias(stack, model, "champion"), alias(stack, model, "previous")) == (v2, v1)
     [rec] = approvals(stack, model)
     assert (rec.decision, rec.approver, rec.comment) == (

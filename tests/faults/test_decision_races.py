@@ -1,10 +1,10 @@
 """Decisions under races and restarts: exactly one decision recorded, and the champion matches it.
 
 Real Prefect server, worker, MLflow registry and event store (the session stack).
-Promotions run in the session's launcher process, except where the worker itself is
-the fault: that promotion is a run of the ``promote`` deployment, executed by the
-worker like the ones a retraining starts. After each race, ``fabloop audit --verify``
-must find the model's champion explained by its recorded decisions.
+Each promotion is a run of the ``promote`` deployment, executed by the worker like
+the ones a retraining starts; it waits suspended (no process) and a worker runs it
+again once resumed. After each race, ``fabloop audit --verify`` must find the
+model's champion explained by its recorded decisions.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.helpers.faults import outage
-from tests.helpers.prefect_api import flow_run
+from tests.helpers.prefect_api import api, flow_run
 from tests.helpers.promotion import (
     PromotionLauncher,
     alias,
@@ -29,7 +29,6 @@ from tests.helpers.promotion import (
     register,
     resume,
     save_policy,
-    start_deployment_run,
     tiny_model_uris,
     unique_model,
     wait_completed,
@@ -161,27 +160,34 @@ def test_approve_against_supersession(stack: RunningStack, policy: str, launcher
 
 
 def test_approve_against_timeout(stack: RunningStack, launcher: PromotionLauncher) -> None:
+    """An approval sent at the last moment: acted on if the server took it before the deadline, else ignored."""
     from fabloop.adapters.prefect_api import LAST_MOMENT, ResumeRefused, resume_promotion
+    from fabloop.core.approval import decide_by
 
     model, (v1, v2) = _model(stack, "race-timeout")
-    policy = save_policy(unique_model("policy-4s"), ["Alice"], timeout_seconds=4, poll_seconds=1)
+    policy = save_policy(unique_model("policy-15s"), ["Alice"], timeout_seconds=15, poll_seconds=1)
     run = launcher.start(model, v2, policy)
-    paused = wait_paused(stack, run)
+    paused = wait_paused(stack, run, timeout=120)
+    deadline = decide_by(paused["tags"])
+    assert deadline is not None
     # The approval is sent at the last moment a decision is still taken.
-    times_out = datetime.fromisoformat(paused["state"]["state_details"]["pause_timeout"]) - LAST_MOMENT
-    time.sleep(max(0.0, (times_out - datetime.now(UTC)).total_seconds()))
+    time.sleep(max(0.0, (deadline - LAST_MOMENT - datetime.now(UTC)).total_seconds()))
     try:
         resume_promotion(run.flow_run_id, "approve", "Alice", "just in time?")
         accepted = True
     except ResumeRefused:
         accepted = False
-    state = wait_completed(stack, run)
+    state = wait_completed(stack, run, timeout=180)
     [decision] = _final_decisions(stack, model, run.flow_run_id)
-    if accepted:  # the server took the decision before the pause expired: it is acted on
+    taken = [i for i in api(stack, "POST", f"/flow_runs/{run.flow_run_id}/input/filter",
+                            {"prefix": "suspended-decision-1-response", "limit": 1, "exclude_keys": []})]
+    human = accepted and bool(taken) and '"Alice"' in taken[0]["value"]
+    if human and datetime.fromisoformat(taken[0]["created"]) < deadline:  # taken in time: acted on
         assert (state["name"], decision.decision, decision.approver) == ("Approved", "approved", "Alice")
         _assert_explained(stack, model, v2)
-    else:
+    else:  # refused before sending, or taken after the deadline: timed out, a late answer kept as ignored
         assert (state["name"], decision.decision) == ("TimedOut", "timed_out"), state
+        assert ("ignored_input" in decision.detail) == human, decision.detail
         _assert_explained(stack, model, v1)
 
 
@@ -202,21 +208,28 @@ def test_an_approval_interrupted_before_the_aliases_moved_is_completed_by_the_ne
     _assert_explained(stack, model, v2)
 
 
-def test_worker_restarted_while_a_promotion_waits(stack: RunningStack, policy: str, deployments: None) -> None:
+def test_worker_killed_while_a_promotion_waits(stack: RunningStack, policy: str, launcher: PromotionLauncher) -> None:
+    """A waiting promotion is suspended: killing the worker (SIGKILL, its whole tree) loses nothing.
+
+    The same run stays Suspended, nothing marks it Crashed, and the approval sent after
+    the worker is back is acted on by that run.
+    """
     model, (v1, v2) = _model(stack, "worker-restart")
-    first = start_deployment_run(stack, {"model": model, "challenger_version": v2, "policy_block": policy})
-    paused_run(stack, model, v2, timeout=120)
-    with outage(stack, "worker"):
-        pass  # the paused run was a process of the worker: it is gone with it
+    run = launcher.start(model, v2, policy)
+    suspended = wait_paused(stack, run, timeout=120)
+    with outage(stack, "worker", hard=True):
+        assert flow_run(stack, run.flow_run_id)["state"]["id"] == suspended["state"]["id"]
     # The engineer approves what they reviewed, as if nothing happened.
-    paused_run(stack, model, v2, timeout=120)  # the orphaned run (still Paused) or its restart
-    out = fabloop("approve", model, "--version", v2, "--as", "Alice", "--wait", "120", env=stack.env)
+    assert paused_run(stack, model, v2)["id"] == run.flow_run_id
+    out = fabloop("approve", model, "--version", v2, "--as", "Alice", "--wait", "240", env=stack.env)
     assert f"{model} version {v2}: Approved" in out.stdout, out.stdout
-    crashed = flow_run(stack, first)
-    assert crashed["state_type"] == "CRASHED" and _final_decisions(stack, model, first) == [], crashed["state"]
+    after = flow_run(stack, run.flow_run_id)
+    assert (after["state_type"], after["state_name"]) == ("COMPLETED", "Approved"), after["state"]
     [decision] = approvals(stack, model)[1:]  # after the setup's own decision
     assert (decision.decision, decision.approver, decision.version) == ("approved", "Alice", v2)
-    again = flow_run(stack, decision.flow_run_id)  # the promotion started again, by the deployment's trigger
-    assert again["state_name"] == "Approved" and again["deployment_id"] == crashed["deployment_id"]
+    assert decision.flow_run_id == run.flow_run_id  # the same run, never started again
+    crashed = [r for r in api(stack, "POST", "/flow_runs/filter", {
+        "flow_runs": {"tags": {"all_": ["fabloop.promotion", f"model:{model}"]}}}) if r["state_type"] == "CRASHED"]
+    assert crashed == []
     assert alias(stack, model, "previous") == v1
     _assert_explained(stack, model, v2)

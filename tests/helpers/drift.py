@@ -156,14 +156,16 @@ def triggers(database_url: str, models: list[str]) -> list[RetrainTriggerRow]:
 
 
 def cancel_unfinished(stack: RunningStack, flow_names: list[str], models: list[str], since: datetime) -> list[str]:
-    """Cancel runs these tests caused that may still be going (a retraining, a paused promotion)."""
+    """Cancel runs these tests caused that may still be going (a retraining, a suspended promotion)."""
     cancelled = []
     for name in flow_names:
         for run in runs_of_flow(stack, name, since):
             if run["parameters"].get("model") in models and run["state_type"] not in FINAL:
                 # Prefect 3.8: no worker acts on a CANCELLING run it has not picked up
                 # (scheduled, awaiting a concurrency slot): that one must be CANCELLED.
-                to = ("CANCELLING", "Cancelling") if run["start_time"] else ("CANCELLED", "Cancelled")
+                # Nor on a suspended promotion, which has no process to stop.
+                running = run["start_time"] and run["state_type"] != "PAUSED"
+                to = ("CANCELLING", "Cancelling") if running else ("CANCELLED", "Cancelled")
                 api(stack, "POST", f"/flow_runs/{run['id']}/set_state",
                     {"state": {"type": to[0], "name": to[1], "message": "test teardown"}, "force": True})
                 cancelled.append(run["id"])

@@ -1,32 +1,26 @@
-"""Shared by the promotion tests: tiny real models, paused ``promote`` runs, queries.
+"""Shared by the promotion tests: tiny real models, suspended ``promote`` runs, queries.
 
 Everything talks to the session's real stack: models are logged to and registered
-in its MLflow server, ``promote`` runs as a real flow run in a separate process and
-pauses on the real Prefect server; outcomes are read back from the registry, the
-approvals table and the Prefect events API.
+in its MLflow server, ``promote`` runs as a real run of its deployment, executed by
+the stack's worker, and suspends on the real Prefect server (no process while it
+waits); outcomes are read back from the registry, the approvals table and the
+Prefect events API.
 
 The ``launcher`` fixture (tests/conftest.py) hands out the session's launcher.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.helpers import prefect_api
 from tests.helpers.prefect_api import FINAL, wait_final
-from tests.helpers.stack import REPO, RunningStack
+from tests.helpers.stack import RunningStack
 
 METRICS = {
     "champion": {"roc_auc": 0.8123, "pr_auc": 0.4410, "recall_at_op": 0.7000},
@@ -93,42 +87,28 @@ def save_policy(name: str, approvers: list[str], timeout_seconds: int = 600, pol
     return name
 
 
-# One long-lived process runs every test's ``promote`` flow, each in its own thread (a
-# retraining run calls it in-process the same way): the seconds spent importing
-# Prefect, MLflow and scikit-learn are paid once per session, not once per promotion.
-_LAUNCHER = """
-import json, sys, threading, traceback
-from fabloop.flows.promote import promote
-
-def run(args):
-    try:
-        promote(**args)
-    except BaseException:
-        traceback.print_exc()
-
-for line in sys.stdin:
-    threading.Thread(target=run, args=(json.loads(line),), daemon=True).start()
-"""
-
-
 class PromotionLauncher:
-    """A subprocess that starts ``promote`` flow runs on request."""
+    """Starts ``promote`` flow runs of the stack's ``promote`` deployment, as a retraining does.
 
-    def __init__(self, stack: RunningStack, log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-c", _LAUNCHER], cwd=REPO, env={**os.environ, **stack.env},
-            stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, text=True,
-        )
+    Only a top-level run of a deployment can suspend; the worker runs each one (and
+    runs it again after every resume), so a promotion here is what production runs.
+    """
 
-    def output(self) -> str:
-        return self.log_path.read_text()[-6000:] if self.log_path.exists() else ""
+    def __init__(self, stack: RunningStack) -> None:
+        self.stack = stack
+        self.started: list[str] = []
+
+    def output(self, flow_run_id: str | None = None) -> str:
+        """The Prefect logs of the runs started here (of one run if given): for failure messages."""
+        ids = [flow_run_id] if flow_run_id else self.started[-5:]
+        if not ids:
+            return ""
+        body = {"logs": {"flow_run_id": {"any_": ids}}, "sort": "TIMESTAMP_ASC", "limit": 200}
+        logs = prefect_api.api(self.stack, "POST", "/logs/filter", body) or []
+        return "\n".join(f"{log['timestamp']} {log['message']}" for log in logs)[-6000:]
 
     def start(self, model: str, version: str, policy: str, **params: Any) -> PromotionRun:
-        """Start ``promote`` for ``model`` version ``version`` (does not wait for the pause)."""
-        if self.proc.poll() is not None:
-            raise AssertionError(f"promotion launcher exited ({self.proc.returncode}):\n{self.output()}")
+        """Start ``promote`` for ``model`` version ``version`` (does not wait for it to suspend)."""
         args = {
             "model": model, "challenger_version": version, "policy_block": policy,
             "reasons": ["feature drift on 12 of 40 sensors (share 0.30 > 0.25)"],
@@ -137,16 +117,9 @@ class PromotionLauncher:
             "trigger": {"window_ids": [41, 42], "drift_check_id": 42},
             **params,
         }
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(args) + "\n")
-        self.proc.stdin.flush()
-        return PromotionRun(model=model, version=version, launcher=self)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
+        flow_run_id = start_deployment_run(self.stack, args)
+        self.started.append(flow_run_id)
+        return PromotionRun(model=model, version=version, launcher=self, flow_run_id=flow_run_id)
 
 
 @dataclass
@@ -160,20 +133,12 @@ class PromotionRun:
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def output(self) -> str:
-        return self.launcher.output()
+        return self.launcher.output(self.flow_run_id or None)
 
 
-_LAUNCHERS: dict[Path, PromotionLauncher] = {}
-
-
-def session_launcher(stack: RunningStack, request: pytest.FixtureRequest) -> PromotionLauncher:
-    """The session's launcher (started on first use, closed at the end of the session)."""
-    running = _LAUNCHERS.get(stack.ep.home)
-    if running is None or running.proc.poll() is not None:
-        running = PromotionLauncher(stack, stack.ep.home / "promotion-launcher.log")
-        _LAUNCHERS[stack.ep.home] = running
-        request.config.add_cleanup(running.close)
-    return running
+def session_launcher(stack: RunningStack) -> PromotionLauncher:
+    """A launcher on the session's stack (its deployments must be applied: the ``deployments`` fixture)."""
+    return PromotionLauncher(stack)
 
 
 def _runs(stack: RunningStack, model: str) -> list[dict[str, Any]]:
@@ -184,36 +149,27 @@ def _runs(stack: RunningStack, model: str) -> list[dict[str, Any]]:
 def wait_paused(
     stack: RunningStack, run: PromotionRun, timeout: float = 90, after_state: str | None = None
 ) -> dict[str, Any]:
-    """Block until ``run`` is paused (in a new pause if ``after_state`` names the previous one)."""
+    """Block until ``run`` is suspended (in a new suspension if ``after_state`` names the previous one).
+
+    Suspended, never merely paused: Prefect's state type PAUSED named ``Suspended``, the
+    state whose run holds no process.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for fr in _runs(stack, run.model):
-            if str(fr["parameters"].get("challenger_version")) != run.version:
-                continue
-            run.flow_run_id = fr["id"]
-            state = fr["state"] or {}
-            if state.get("type") == "PAUSED" and state.get("id") != after_state:
-                return fr
-            if state.get("type") in FINAL:
-                raise AssertionError(f"promote ended before pausing: {state}\n{run.output()}")
-        if run.launcher.proc.poll() is not None:
-            raise AssertionError(f"promotion launcher exited before the run paused:\n{run.output()}")
+        fr = prefect_api.flow_run(stack, run.flow_run_id)
+        state = fr["state"] or {}
+        if state.get("type") == "PAUSED" and state.get("id") != after_state:
+            assert state.get("name") == "Suspended", f"paused, not suspended: {state}"
+            assert state["state_details"].get("pause_reschedule") is True, state
+            return fr
+        if state.get("type") in FINAL:
+            raise AssertionError(f"promote ended before suspending: {state}\n{run.output()}")
         time.sleep(0.3)
-    raise AssertionError(f"promote did not pause within {timeout}s:\n{run.output()}")
+    raise AssertionError(f"promote did not suspend within {timeout}s:\n{run.output()}")
 
 
 def wait_completed(stack: RunningStack, run: PromotionRun, timeout: float = 60) -> dict[str, Any]:
     """The run's final state (Completed, named after the outcome)."""
-    deadline = time.monotonic() + 30
-    while not run.flow_run_id:  # a run that ends without pausing: find it by its challenger
-        found = [fr for fr in _runs(stack, run.model)
-                 if str(fr["parameters"].get("challenger_version")) == run.version]
-        if found:
-            run.flow_run_id = found[0]["id"]
-        elif time.monotonic() > deadline:
-            raise AssertionError(f"no promote run of {run.model} v{run.version} within 30s:\n{run.output()}")
-        else:
-            time.sleep(0.3)
     try:
         final = wait_final(stack, run.flow_run_id, timeout, interval=0.3)
     except AssertionError as exc:
@@ -273,7 +229,7 @@ def alias(stack: RunningStack, model: str, name: str) -> str | None:
 
 def paused_run(stack: RunningStack, model: str, version: str, timeout: float = 90,
                skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The first ``promote`` run of ``model`` ``version`` (other than ``skip``) that is paused."""
+    """The first ``promote`` run of ``model`` ``version`` (other than ``skip``) that is suspended."""
     deadline = time.monotonic() + timeout
     seen: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -284,7 +240,7 @@ def paused_run(stack: RunningStack, model: str, version: str, timeout: float = 9
             if (fr["state"] or {}).get("type") == "PAUSED":
                 return fr
         time.sleep(0.5)
-    raise AssertionError(f"no paused promotion of {model} v{version} within {timeout}s (runs: {seen})")
+    raise AssertionError(f"no suspended promotion of {model} v{version} within {timeout}s (runs: {seen})")
 
 
 def start_deployment_run(stack: RunningStack, parameters: dict[str, Any]) -> str:

@@ -1,10 +1,12 @@
 """Human-approved promotion on the real Prefect server, MLflow registry and event store.
 
 Each test registers its own model (unique name) in the stack's MLflow server, runs
-``promote`` as a real, paused flow run in its own process and decides it the way a
-person would: through the same resume call as the Prefect UI's form, or through the
-``fabloop`` command line. The outcome is read back from the registry aliases and
-tags, the approvals table, the flow run's state and the Prefect events API.
+``promote`` as a real run of its deployment (the stack's worker executes it, and it
+suspends: no process while it waits) and decides it the way a person would: through
+the same resume call as the Prefect UI's form, or through the ``fabloop`` command
+line; a worker then runs the flow again and it acts on the decision. The outcome is
+read back from the registry aliases and tags, the approvals table, the flow run's
+state and the Prefect events API.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def test_approve_from_the_cli_promotes_and_audits(
     assert "| roc_auc | 0.8123 | 0.8617 | +0.0494 |" in page
     assert f"{stack.ep.mlflow_tracking_uri}/#/models/{model}/versions/{v2}" in page
     assert "#/experiments/" in page and "http://127.0.0.1:1/reports/drift-42.html" in page
-    form = api(stack, "GET", f"/flow_runs/{run.flow_run_id}/input/paused-1-description")
+    form = api(stack, "GET", f"/flow_runs/{run.flow_run_id}/input/suspended-decision-1-description")
     assert form == page
 
     listing = fabloop("approvals", env=stack.env).stdout
@@ -131,10 +133,10 @@ def test_timeout_is_recorded_as_rejected(stack: RunningStack, launcher: Promotio
     model = unique_model("timeout")
     [v1] = register(stack.ep.mlflow_tracking_uri, model, tiny_model_uris(stack.ep.mlflow_tracking_uri)[:1],
                     {"challenger": 0})
-    policy = save_policy(unique_model("policy-3s"), ["Alice"], timeout_seconds=3, poll_seconds=1)
+    policy = save_policy(unique_model("policy-15s"), ["Alice"], timeout_seconds=15, poll_seconds=1)
     run = launcher.start(model, v1, policy)
-    wait_paused(stack, run)
-    state = wait_completed(stack, run, timeout=60)
+    wait_paused(stack, run, timeout=120)
+    state = wait_completed(stack, run, timeout=180)
     assert (state["type"], state["name"]) == ("COMPLETED", "TimedOut")
     assert state["message"] == "rejected: approval timed out"
     assert alias(stack, model, "champion") is None and alias(stack, model, "challenger") is None
@@ -168,8 +170,11 @@ def test_refused_approver_is_recorded_and_the_run_keeps_waiting(
     state = wait_completed(stack, run)
     assert state["name"] == "Approved"
     assert alias(stack, model, "champion") == v1 and alias(stack, model, "previous") is None
+    # The run went through three executions (suspended, refused and suspended again, approved):
+    # the refusal is recorded once, under the key of the suspension it answered.
     refused, approved = approvals(stack, model)
     assert (refused.decision, refused.approver, refused.detail["requested"]) == ("refused", "Mallory", "approve")
+    assert refused.detail["key"] == "decision-1"
     assert (approved.decision, approved.approver, approved.previous_champion) == ("approved", "bob", None)
     assert refused.flow_run_id == approved.flow_run_id == run.flow_run_id
     [event] = events(stack, "fabloop.model.promoted", model, since)

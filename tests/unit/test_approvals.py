@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from pydantic import ValidationError
 
-from fabloop.adapters.prefect_api import ApprovalInput
+from fabloop.adapters.prefect_api import ApprovalInput, decision_keyset
 from fabloop.adapters.registry import version_url
 from fabloop.blocks.approval import ApprovalPolicy
-from fabloop.core.approval import decision_markdown, metrics_table, refusal_reason, superseded_by
+from fabloop.core.approval import (
+    deadline_tag,
+    decide_by,
+    decision_markdown,
+    metrics_table,
+    refusal_reason,
+    superseded_by,
+)
 
 
 def test_allowlist_ignores_case_and_blanks_but_not_spelling() -> None:
@@ -45,7 +52,7 @@ def _schema() -> dict:
     ],
 )
 def test_the_server_validates_the_form_like_this(run_input: dict, error: str | None) -> None:
-    """The schema saved with the pause is what the Prefect server checks on resume."""
+    """The schema saved with the suspension is what the Prefect server checks on resume."""
     from prefect.utilities.schema_tools.validation import ValidationError as SchemaError
     from prefect.utilities.schema_tools.validation import validate
 
@@ -115,3 +122,20 @@ def test_decision_page_for_a_first_champion_links_everything() -> None:
 def test_superseded_tag_names_the_newer_version() -> None:
     assert superseded_by(["fabloop.promotion", "superseded-by:12"]) == "12"
     assert superseded_by(["fabloop.promotion", "model:yield-ETCH-02"]) is None
+
+
+def test_the_deadline_tag_round_trips_in_utc_to_the_second() -> None:
+    local = datetime(2026, 12, 3, 9, 30, 15, 987654, tzinfo=timezone(timedelta(hours=2)))
+    tag = deadline_tag(local)
+    assert tag == "decide-by:2026-12-03T07:30:15+00:00"
+    assert decide_by(["fabloop.promotion", tag, "model:m"]) == local.replace(microsecond=0)
+    assert decide_by(["fabloop.promotion", "model:m"]) is None
+
+
+def test_each_suspension_keeps_its_form_and_answer_under_its_own_key() -> None:
+    """The keys the UI's Resume form and the flow read: one set per suspension, never shared."""
+    assert decision_keyset("decision-2") == {
+        "schema": "suspended-decision-2-schema", "description": "suspended-decision-2-description",
+        "response": "suspended-decision-2-response",
+    }
+    assert decision_keyset("decision-1")["response"] != decision_keyset("decision-11")["response"]

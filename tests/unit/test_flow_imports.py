@@ -26,6 +26,7 @@ NOT_LOADED = {
     "fabloop.flows.retrain": {"evidently"},
     "fabloop.flows.promote": {"lightgbm", "optuna", "evidently"},
     "fabloop.flows.ingest": {"lightgbm", "optuna", "evidently", "mlflow"},
+    "fabloop.flows.promotion_timeout": {"lightgbm", "optuna", "evidently", "mlflow"},
 }
 
 
