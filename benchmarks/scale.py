@@ -5,7 +5,7 @@ binaries, ``fsync=off``), then ``fabloop up --database-url <it> --partitions 4``
 temporary ``FABLOOP_HOME`` on free loopback ports and ``fabloop deploy``. A second
 Prefect worker joins the stack's work pool (same command and environment as the
 stack's own, another name), so 2 workers pick up the flow runs; ``drift-check`` keeps
-its ``prefect.yaml`` concurrency limit (2 at a time), which is what the README sizes.
+its ``prefect.yaml`` concurrency limit, which is what the README sizes.
 
 The fab: ``--tools`` tools (default 12), ``--sensors`` sensors (default 30), windows of
 ``--window-wafers`` wafers (default 250) per tool (``yield`` model per tool), no drift

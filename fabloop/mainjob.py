@@ -17,10 +17,12 @@ champion are not bootstrapped again, and every run streams wafers of its own
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -45,6 +47,7 @@ from fabloop.adapters.kafka import make_producer, publish_events
 from fabloop.adapters.prefect_api import pending_promotions, resume_promotion, wait_for_outcome
 from fabloop.adapters.store import LoopSummary, engine_for, loop_summary, run_sync
 from fabloop.blocks import DEFAULT, ApprovalPolicy, load_block
+from fabloop.core.approval import PendingPromotion
 from fabloop.core.names import CHAMPION, INGEST_DEPLOYMENT
 from fabloop.core.publishing import parse_drift_spec
 from fabloop.core.simulate import SimulationConfig, simulate
@@ -92,7 +95,7 @@ def _next_run_number(ep: StackEndpoints) -> int:
     return runs + 1
 
 
-def _wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 3.0) -> Any:
+def _wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -149,12 +152,13 @@ def _champions(tracking_uri: str, models: list[str]) -> dict[str, str | None]:
 
 def run_main_job(ep: StackEndpoints, cfg: MainJobConfig, console: Console) -> dict[str, Any]:
     tl = Timeline()
-    timings = Stack(ep).up(log=lambda m: console.print(f"  {m}", highlight=False))
+    # prefect.yaml is applied while the worker starts: deploying needs the server, not the worker.
+    timings = Stack(ep).up(log=lambda m: console.print(f"  {m}", highlight=False),
+                           while_worker_starts=partial(deploy, ep))
     tl.mark(console, f"stack healthy ({timings})")
+    tl.mark(console, "deployments, triggers and blocks registered (prefect.yaml)")
     os.environ.update(prefect_env(ep))
     os.environ.update(client_env(ep))  # the registry reads below work as the service account
-    deploy(ep)
-    tl.mark(console, "deployments, triggers and blocks registered (prefect.yaml)")
     # Prefect read its settings when this module imported it: point this process's
     # client at the stack explicitly rather than trusting the environment.
     with prefect_api(ep):
@@ -186,22 +190,7 @@ def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline
     if bootstrap:
         tl.mark(console, f"bootstrap: no champion yet for {', '.join(bootstrap)} — "
                          "first trainings follow their first windows")
-        for model in bootstrap:
-            pending = _wait(f"the first challenger of {model}", partial(pending_promotions, model), cfg.timeout_s)
-            p = pending[0]
-            # Asked again right before approving: only a model the registry *answers* has no
-            # champion is bootstrapped. An unreachable MLflow raises here (alias_version never
-            # reads an outage as "no champion"), and the job stops without deciding anything.
-            now_champion = _champions(ep.mlflow_tracking_uri, [model])[model]
-            if now_champion is not None:
-                tl.mark(console, f"bootstrap: {model} has champion v{now_champion} now; v{p.version} is left "
-                                 "for an engineer to decide")
-                continue
-            _decide(p.flow_run_id, BOOTSTRAP_APPROVER,
-                    "bootstrap: initial champion approved by the main job (fabloop run)")
-            _wait(f"{model} v{p.version} as champion",
-                  partial(_is_champion, ep.mlflow_tracking_uri, model, p.version), 120, 1.0)
-            tl.mark(console, f"bootstrap: {model} v{p.version} approved as initial champion by {BOOTSTRAP_APPROVER}")
+        _bootstrap(ep, cfg, console, tl, bootstrap)
     else:
         tl.mark(console, f"champions already in place ({champions}); no bootstrap")
 
@@ -237,6 +226,52 @@ def _loop(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline
         console.print(f"\nApprove in the UI (Resume) or with: fabloop approve {drift_model} "
                       f"--version {paused.version} --as YOUR-NAME\n")
     return result
+
+
+def _bootstrap(ep: StackEndpoints, cfg: MainJobConfig, console: Console, tl: Timeline, models: list[str]) -> None:
+    """Approve each model's first challenger as initial champion as soon as it waits.
+
+    The first trainings run side by side and finish in any order: each approval
+    starts when its promotion is paused, rather than after the models before it.
+    """
+    deadline = time.monotonic() + cfg.timeout_s
+    waiting = list(models)
+    approvals: list[Future[None]] = []
+    with ThreadPoolExecutor(max_workers=len(models), thread_name_prefix="bootstrap") as pool:
+        while waiting:
+            for done in (f for f in approvals if f.done()):
+                done.result()  # a refused approval ends the bootstrap without waiting for the rest
+            newest: dict[str, PendingPromotion] = {}
+            for p in pending_promotions():  # newest first
+                newest.setdefault(p.model, p)
+            for model in [m for m in waiting if m in newest]:
+                waiting.remove(model)
+                # Each approval in its own thread, with this thread's Prefect settings (the stack's API).
+                approve = partial(_approve_first_challenger, ep, console, tl, model, newest[model])
+                approvals.append(pool.submit(contextvars.copy_context().run, approve))
+            if waiting:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"timed out after {cfg.timeout_s:.0f}s waiting for the first challenger of "
+                                       f"{', '.join(waiting)}")
+                time.sleep(1.0)
+        for f in approvals:
+            f.result()
+
+
+def _approve_first_challenger(ep: StackEndpoints, console: Console, tl: Timeline, model: str,
+                              p: PendingPromotion) -> None:
+    # Asked again right before approving: only a model the registry *answers* has no
+    # champion is bootstrapped. An unreachable MLflow raises here (alias_version never
+    # reads an outage as "no champion"), and the job stops without deciding anything.
+    now_champion = _champions(ep.mlflow_tracking_uri, [model])[model]
+    if now_champion is not None:
+        tl.mark(console, f"bootstrap: {model} has champion v{now_champion} now; v{p.version} is left "
+                         "for an engineer to decide")
+        return
+    _decide(p.flow_run_id, BOOTSTRAP_APPROVER, "bootstrap: initial champion approved by the main job (fabloop run)")
+    _wait(f"{model} v{p.version} as champion", partial(_is_champion, ep.mlflow_tracking_uri, model, p.version),
+          120, 1.0)
+    tl.mark(console, f"bootstrap: {model} v{p.version} approved as initial champion by {BOOTSTRAP_APPROVER}")
 
 
 def _allow_approvers(tl: Timeline, console: Console, names: list[str]) -> None:

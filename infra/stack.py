@@ -8,6 +8,7 @@ in the settings are used as they are and never started or stopped.
 
 from __future__ import annotations
 
+import contextvars
 import shutil
 import sys
 import time
@@ -131,9 +132,15 @@ def _worker_cmd(ep: StackEndpoints) -> list[str]:
 
 
 def _worker_env(ep: StackEndpoints) -> dict[str, str]:
-    # The worker asks for scheduled runs this often (Prefect's default is 10 s): a
-    # triggered drift check or retraining should not sit waiting for the next poll.
-    return {**prefect_env(ep), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    # The worker asks for scheduled runs every second (Prefect's default is 10 s): a
+    # triggered drift check, retraining or promotion should not sit waiting for the next
+    # poll, and a chain of them (check → retraining → promotion) waits once per link.
+    # It takes only runs that are due (Prefect's default looks 10 s ahead): a run turned
+    # away for a concurrency slot is due again 3 s later (the server's setting above),
+    # and looking ahead would propose every such run again at every poll. Those proposals
+    # are writes to the server's SQLite; a burst of them (a dozen windows closing at once)
+    # makes its other writes fail as busy, which clients retry after 2, 4, 8 … s.
+    return {**prefect_env(ep), "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0"}
 
 
 def _http_ok(url: str, auth: tuple[str, str] | None = None) -> bool:
@@ -236,8 +243,14 @@ class Stack:
             raise
         return "started"
 
-    def up(self, log: Callable[[str], None] = print) -> dict[str, float]:
-        """Start every embedded component; returns seconds until each was healthy."""
+    def up(
+        self, log: Callable[[str], None] = print, while_worker_starts: Callable[[], object] | None = None,
+    ) -> dict[str, float]:
+        """Start every embedded component; returns seconds until each was healthy.
+
+        ``while_worker_starts`` runs once Prefect, its work pool and blocks are ready,
+        beside the worker's start (e.g. applying ``prefect.yaml``, which needs no worker).
+        """
         self.ep.home.mkdir(parents=True, exist_ok=True)
         (self.ep.home / "prefect").mkdir(exist_ok=True)
         (self.ep.home / "mlflow").mkdir(exist_ok=True)
@@ -271,7 +284,13 @@ class Stack:
         self._prepare_prefect(log)
         self._prepare_kafka()
         timings.setdefault("kafka", round(time.monotonic() - t0, 1))
-        start_timed("worker")
+        if while_worker_starts is None:
+            start_timed("worker")
+            return timings
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            beside = pool.submit(contextvars.copy_context().run, while_worker_starts)
+            start_timed("worker")
+            beside.result()
         return timings
 
     def _migrate_store(self) -> None:
