@@ -64,14 +64,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -81,6 +79,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _harness import T0, cli, db_query, say, wait
 from confluent_kafka import Producer
 from sqlalchemy import func, select
 
@@ -95,7 +94,6 @@ from fabloop.adapters.store import (
     SensorReadingRow,
     TestResultRow,
     WindowRow,
-    engine_for,
     run_sync,
 )
 from fabloop.core.schemas import SENSOR_TOPIC, TEST_TOPIC, SensorReading, TestResult
@@ -111,45 +109,13 @@ WINDOW_WAFERS = 100
 PHASES = (0, 500, 700, 850, 1100)
 Event = SensorReading | TestResult
 
-T0 = time.monotonic()
 
 
-def say(text: str) -> None:
-    print(f"{time.monotonic() - T0:7.1f}s  {text}", file=sys.stderr, flush=True)
 
-
-def wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 3.0) -> Any:
-    """Poll ``check`` until it returns something truthy; TimeoutError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def cli(home: Path, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """The real ``fabloop`` command line against the stack at ``home``."""
-    env = {**os.environ, "FABLOOP_HOME": str(home), "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "fabloop.cli", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"fabloop {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-3000:]}")
-    return proc
 
 
 # --------------------------------------------------------------------------- event store reads
 
-
-def db_query(url: str, stmt: Any) -> list[Any]:
-    async def go() -> list[Any]:
-        async with engine_for(url) as engine, engine.connect() as conn:
-            return list((await conn.execute(stmt)).all())
-
-    return run_sync(go())
 
 
 def stored_ids(url: str) -> set[str]:

@@ -66,13 +66,11 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -82,9 +80,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _harness import T0, cli, db_query, say, wait
 from sqlalchemy import select
 
-from fabloop.adapters.store import DriftCheckRow, RetrainTriggerRow, WindowRow, engine_for, run_sync
+from fabloop.adapters.store import DriftCheckRow, RetrainTriggerRow, WindowRow
 from fabloop.core.schemas import SensorReading, TestResult
 from fabloop.infra.process import free_port
 
@@ -95,42 +94,10 @@ GOALS = {"breach_to_retrain_running_p50_s": 2.0, "window_to_verdict_p50_s": 15.0
 MIN_WINDOWS = 20
 Event = SensorReading | TestResult
 
-T0 = time.monotonic()
 
 
-def say(text: str) -> None:
-    print(f"{time.monotonic() - T0:7.1f}s  {text}", file=sys.stderr, flush=True)
 
 
-def wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any:
-    """Poll ``check`` until it returns something truthy; TimeoutError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def cli(home: Path, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """The real ``fabloop`` command line against the stack at ``home``."""
-    env = {**os.environ, "FABLOOP_HOME": str(home), "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "fabloop.cli", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"fabloop {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-3000:]}")
-    return proc
-
-
-def db_query(url: str, stmt: Any) -> list[Any]:
-    async def go() -> list[Any]:
-        async with engine_for(url) as engine, engine.connect() as conn:
-            return list((await conn.execute(stmt)).all())
-
-    return run_sync(go())
 
 
 def utc(ts: datetime | None) -> datetime | None:

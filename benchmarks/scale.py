@@ -77,6 +77,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _harness import T0, cli, db_query, say, wait
 from sqlalchemy import func, select
 
 from fabloop.adapters.kafka import make_producer, publish_events
@@ -86,8 +87,6 @@ from fabloop.adapters.store import (
     SensorReadingRow,
     TestResultRow,
     WindowRow,
-    engine_for,
-    run_sync,
 )
 from fabloop.core.schemas import SensorReading, TestResult
 from fabloop.infra.process import ProcessManager, free_port
@@ -100,42 +99,10 @@ SECOND_WORKER = "worker-2"
 SETUP_POLICY = "scale-setup"
 Event = SensorReading | TestResult
 
-T0 = time.monotonic()
 
 
-def say(text: str) -> None:
-    print(f"{time.monotonic() - T0:7.1f}s  {text}", file=sys.stderr, flush=True)
 
 
-def wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any:
-    """Poll ``check`` until it returns something truthy; TimeoutError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def cli(home: Path, *args: str, timeout: float = 300) -> str:
-    """The real ``fabloop`` command line against the stack at ``home``."""
-    env = {**os.environ, "FABLOOP_HOME": str(home), "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "fabloop.cli", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fabloop {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
-def db_query(url: str, stmt: Any) -> list[Any]:
-    async def go() -> list[Any]:
-        async with engine_for(url) as engine, engine.connect() as conn:
-            return list((await conn.execute(stmt)).all())
-
-    return run_sync(go())
 
 
 def stored_count(url: str) -> int:
