@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 # Keep the test process's own Prefect state out of the user's ~/.prefect.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="fabloop-test-prefect-"))
@@ -61,21 +62,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
 
     # The embedded MLflow refuses anonymous requests: the tests' MLflow clients (and
     # the processes they start) work as the stack's service account, as fabloop does.
-    account = client_env(running.ep)
-    before = {name: os.environ.get(name) for name in account}
-    os.environ.update(account)
+    # The test process is a client of the stack like any other (its in-process flows too).
+    client = {PREFECT_API_URL: running.ep.prefect_api_url, PREFECT_CLIENT_MAX_RETRIES: CLIENT_MAX_RETRIES}
     try:
-        # The test process is a client of the stack like any other (its in-process flows too).
-        client = {PREFECT_API_URL: running.ep.prefect_api_url, PREFECT_CLIENT_MAX_RETRIES: CLIENT_MAX_RETRIES}
-        with temporary_settings(updates=client):
+        with mock.patch.dict(os.environ, client_env(running.ep)), temporary_settings(updates=client):
             yield running
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    fabloop("down", env=running.env, check=False)
+        fabloop("down", env=running.env, check=False)
 
 
 @pytest.fixture(scope="session")

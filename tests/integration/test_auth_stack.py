@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import psutil
@@ -38,17 +39,10 @@ def auth_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStac
     running = start_stack(home, partitions=1, auth=True)
     # This module's MLflow clients work as this stack's service account; the session's
     # account (if the session stack is up) is put back afterwards.
-    account = client_env(running.ep)
-    before = {name: os.environ.get(name) for name in account}
-    os.environ.update(account)
     try:
-        yield running
+        with mock.patch.dict(os.environ, client_env(running.ep)):
+            yield running
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         fabloop("down", env=running.env, check=False)
 
 
