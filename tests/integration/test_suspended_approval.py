@@ -176,9 +176,14 @@ def test_a_decision_the_server_takes_after_the_deadline_is_recorded_as_ignored(
     assert deadline is not None
     with outage(stack, "worker"):
         assert datetime.now(UTC) < deadline - timedelta(seconds=5), "the run suspended too close to its deadline"
-        time.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()) + 1)
+        # Past the deadline by the clock the CLI reads too (a loop: one sleep may end early).
+        while (left := (deadline + timedelta(seconds=1) - datetime.now(UTC)).total_seconds()) > 0:
+            time.sleep(left)
+        sent_at = datetime.now(UTC)
         late = fabloop("approve", model, "--version", v2, "--as", "Alice", "--wait", "0", env=stack.env, check=False)
-        assert late.returncode == 1 and "too late" in late.stdout, late.stdout
+        assert late.returncode == 1 and "too late" in late.stdout, (
+            f"deadline {deadline}, CLI started {sent_at}, tags now {flow_run(stack, run.flow_run_id)['tags']}\n"
+            f"{late.stdout}")
         # What the UI's Resume form posts: the server takes it (no Prefect timeout), the flow does not act on it.
         assert resume(stack, run.flow_run_id, {"decision": "approve", "approver": "Alice", "comment": "late"})[
             "status"] == "ACCEPT"
