@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -471,6 +472,12 @@ class Run:
         })
 
 
+def _concurrency(deployment: str) -> int | None:
+    """The deployment's concurrency limit as prefect.yaml sets it (what this run used)."""
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    return next((d.get("concurrency_limit") for d in spec["deployments"] if d["name"] == deployment), None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=3.0, help="minutes of streaming")
@@ -482,6 +489,7 @@ def main() -> int:
     ap.add_argument("--drain-timeout", type=float, default=900.0, help="seconds to wait for the last verdicts")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--keep-home", action="store_true", help="leave the temporary FABLOOP_HOME for inspection")
+    ap.add_argument("--machine-note", default="", help="what else ran on the host, for the JSON line")
     args = ap.parse_args()
     if args.tools < 1 or args.minutes <= 0:
         ap.error("--tools and --minutes must be positive")
@@ -527,10 +535,10 @@ def main() -> int:
         "config": {"tools": args.tools, "sensors": args.sensors, "minutes": args.minutes,
                    "wafers_per_s": args.wafers_per_s, "window_wafers": args.window_wafers,
                    "setup_wafers_per_tool": args.setup_wafers, "partitions": PARTITIONS,
-                   "ingest_members": len(INGEST_MEMBERS), "workers": 2, "drift_check_concurrency": 2,
+                   "ingest_members": len(INGEST_MEMBERS), "workers": 2,
+                   "drift_check_concurrency": _concurrency("drift-check"),
                    "event_store": "postgresql (throwaway cluster, fsync=off)"},
-        "machine": {"cpus": os.cpu_count(), "note": "shared 2-core host; other helpers were running tests at the "
-                                                    "same time"},
+        "machine": {"cpus": os.cpu_count(), "note": args.machine_note},
         "error": error.strip().splitlines()[-1] if error else None,
         "seconds": round(time.monotonic() - T0, 1),
     })
