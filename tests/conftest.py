@@ -13,7 +13,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 # Keep the test process's own Prefect state out of the user's ~/.prefect.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="fabloop-test-prefect-"))
@@ -65,7 +64,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     # The test process is a client of the stack like any other (its in-process flows too).
     client = {PREFECT_API_URL: running.ep.prefect_api_url, PREFECT_CLIENT_MAX_RETRIES: CLIENT_MAX_RETRIES}
     try:
-        with mock.patch.dict(os.environ, client_env(running.ep)), temporary_settings(updates=client):
+        with pytest.MonkeyPatch.context() as env, temporary_settings(updates=client):
+            for name, value in client_env(running.ep).items():
+                env.setenv(name, value)
             yield running
     finally:
         fabloop("down", env=running.env, check=False)

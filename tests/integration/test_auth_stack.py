@@ -8,13 +8,11 @@ One stack of its own (the session's stack runs without auth), taken down at the 
 from __future__ import annotations
 
 import json
-import os
 import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import httpx
 import psutil
@@ -40,7 +38,9 @@ def auth_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStac
     # This module's MLflow clients work as this stack's service account; the session's
     # account (if the session stack is up) is put back afterwards.
     try:
-        with mock.patch.dict(os.environ, client_env(running.ep)):
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in client_env(running.ep).items():
+                env.setenv(name, value)
             yield running
     finally:
         fabloop("down", env=running.env, check=False)
