@@ -1,4 +1,4 @@
-"""The embedded default stack: broker, Prefect server, MLflow server and a worker.
+"""The embedded default stack: broker, Prefect server, MLflow server, a worker and its fork server.
 
 ``up`` starts what is not running yet (in parallel), waits until each component
 is healthy, creates the Kafka topics and registers the blocks; ``down`` stops
@@ -9,8 +9,11 @@ in the settings are used as they are and never started or stopped.
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fabloop.adapters.kafka import broker_healthy, ensure_topics
 from fabloop.adapters.store import migrate
 from fabloop.core.schemas import TOPICS
-from fabloop.infra import mlflow_auth, prefect_auth
+from fabloop.infra import launcher, mlflow_auth, prefect_auth
 from fabloop.infra.bootstrap import ensure_work_pool, kafka_connection, register_blocks
 from fabloop.infra.process import PortInUseError, ProcessManager, clean_env, port_is_free, wait_until
 from fabloop.infra.settings import WORK_POOL_TYPE, StackEndpoints, prefect_auth_env, prefect_env
@@ -131,6 +134,23 @@ def _worker_cmd(ep: StackEndpoints) -> list[str]:
             "--name", f"fabloop-worker-{ep.home.name}"]
 
 
+def forkserver_socket(ep: StackEndpoints) -> Path:
+    """The fork server's socket: in the home, unless that path is too long for a Unix socket."""
+    path = ep.home / "forkserver" / "engine.sock"
+    if len(str(path)) <= 100:
+        return path
+    digest = hashlib.sha256(str(ep.home).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"fabloop-{os.getuid()}-{digest}" / "engine.sock"
+
+
+def _forkserver_cmd(ep: StackEndpoints) -> list[str]:
+    return [sys.executable, "-m", "fabloop.infra.forkserver", "--socket", str(forkserver_socket(ep))]
+
+
+def _forkserver_healthy(ep: StackEndpoints) -> bool:
+    return launcher.ping(str(forkserver_socket(ep))) is not None
+
+
 def _worker_env(ep: StackEndpoints) -> dict[str, str]:
     # The worker asks for scheduled runs every second (Prefect's default is 10 s): a
     # triggered drift check, retraining or promotion should not sit waiting for the next
@@ -140,7 +160,10 @@ def _worker_env(ep: StackEndpoints) -> dict[str, str]:
     # and looking ahead would propose every such run again at every poll. Those proposals
     # are writes to the server's SQLite; a burst of them (a dozen windows closing at once)
     # makes its other writes fail as busy, which clients retry after 2, 4, 8 … s.
-    return {**prefect_env(ep), "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0"}
+    # Flow runs inherit the fork server's socket: their launcher has their engine forked
+    # there, with its imports done (fabloop.infra.forkserver).
+    return {**prefect_env(ep), "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+            launcher.SOCKET_VAR: str(forkserver_socket(ep))}
 
 
 def _http_ok(url: str, auth: tuple[str, str] | None = None) -> bool:
@@ -179,6 +202,12 @@ def components(ep: StackEndpoints) -> list[Component]:
         Component(
             "mlflow", ep.mlflow_tracking_uri, ep.embedded_mlflow, _mlflow_cmd, _mlflow_env,
             _mlflow_healthy, port=_hostport(ep.mlflow_tracking_uri)[1],
+        ),
+        Component(
+            # Flow runs' engines, forked with their imports done; started beside the servers
+            # (its imports take as long as theirs) and stopped after the worker.
+            "forkserver", str(forkserver_socket(ep)), True, _forkserver_cmd, prefect_env, _forkserver_healthy,
+            port=None,
         ),
         Component(
             "worker", f"work pool {ep.work_pool}", True, _worker_cmd, _worker_env, _worker_healthy, port=None,
@@ -270,10 +299,11 @@ class Stack:
             self._start(comps[name], log)
             timings[name] = round(time.monotonic() - t0, 1)
 
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        with ThreadPoolExecutor(max_workers=5) as pool:
             # An external Kafka is probed with the Kafka block's security settings, which
             # live in Prefect: once the blocks are there (``_prepare_kafka``).
-            first = ("kafka", "prefect", "mlflow") if self.ep.embedded_kafka else ("prefect", "mlflow")
+            servers = ("kafka", "prefect", "mlflow") if self.ep.embedded_kafka else ("prefect", "mlflow")
+            first = (*servers, "forkserver")
             futures = [pool.submit(start_timed, n) for n in first]
             futures.append(pool.submit(self._migrate_store))
             errors = [f.exception() for f in futures if f.exception() is not None]
@@ -324,7 +354,7 @@ class Stack:
 
     def down(self, log: Callable[[str], None] = print) -> list[int]:
         ended: list[int] = []
-        for name in ("worker", "mlflow", "prefect", "kafka"):
+        for name in ("worker", "forkserver", "mlflow", "prefect", "kafka"):
             pids = self.pm.stop(name)
             if pids:
                 log(f"stopped {name} (pids {', '.join(map(str, pids))})")

@@ -3,8 +3,9 @@
 One small simulated tool (one model) is ingested into the stack's event store and
 trained once as champion (a real ``retrain`` run). Then:
 
-- the worker is killed with SIGKILL (its flow-run processes with it) in the middle
-  of a retraining started on it, and restarted;
+- the worker is killed with SIGKILL (its flow-run processes with it: the retraining's
+  engine, forked by the fork server, dies with its launcher) in the middle of a
+  retraining started on it, and restarted;
 - MLflow is stopped while a drift check of the model's window and a retraining
   run: the champion lookup fails loudly (it is never read as "no champion"), both
   runs retry, and once MLflow is back the check judges the window against the
@@ -28,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
+import psutil
 import pytest
 from mlflow.exceptions import MlflowException
 
@@ -36,6 +38,8 @@ from fabloop.adapters.run_states import flow_run_status
 from fabloop.adapters.transient import is_transient
 from fabloop.core.scopes import ModelCatalogValue
 from fabloop.core.simulate import SimulationConfig, ToolSpec, simulate
+from fabloop.infra.launcher import ping
+from fabloop.infra.stack import forkserver_socket
 from tests.helpers import drift as ds
 from tests.helpers import faults
 from tests.helpers import prefect_api as pa
@@ -96,7 +100,15 @@ def killed(stack: RunningStack, model: Model, deployments: None) -> Iterator[Kil
                     and status.heartbeat_interval < timedelta(seconds=60))
 
     wait_for("the retraining running with heartbeats", beating, timeout=150, interval=3)
+    # Its engine was forked by the stack's fork server (fabloop.infra.forkserver), not
+    # started by the worker: killing the worker's tree must take it too.
+    server = ping(str(forkserver_socket(stack.ep)))
+    assert server is not None, "the stack's fork server does not answer"
+    [engine] = [int(pid) for pid, run in server["engines"].items() if run == run_id]
+    assert psutil.Process(engine).ppid() == server["pid"]
     pids = faults.kill(stack, "worker")
+    wait_for("the forked engine killed with the worker", lambda: not psutil.pid_exists(engine), timeout=10,
+             interval=0.2)
     assert pa.flow_run(stack, run_id)["state_type"] == "RUNNING"  # nobody told Prefect
     faults.restart(stack)
     yield Killed(first.trigger_id, run_id, pids)

@@ -125,8 +125,8 @@ def test_every_deployment_runs_on_the_process_pool_from_the_checkout() -> None:
     assert project()["pull"] == PULL_STEPS
     for spec in project()["deployments"]:
         assert spec["work_pool"]["name"] == WORK_POOL, spec["name"]
-        # The engine started directly, in the venv deploy ran from: one process per run.
-        assert spec["work_pool"]["job_variables"]["command"] == "{{ $" + PYTHON_VAR + " }} -m prefect.engine"
+        # The launcher, in the venv deploy ran from: one engine process per run, forked warm.
+        assert spec["work_pool"]["job_variables"]["command"] == "{{ $" + PYTHON_VAR + " }} -m fabloop.infra.launcher"
 
 
 def test_deployment_names_split_into_flow_and_deployment() -> None:
