@@ -41,10 +41,12 @@ queue up; from Prefect, each ``drift-check`` run's wait (created → started: tr
 concurrency slot, worker poll) and run time (started → ended: process start,
 imports, the check). Memory:
 every second, psutil RSS of each process of the stack's tree, grouped by kind
-(ingest members, workers, flow-run processes = the workers' children, Prefect
-server, MLflow, PostgreSQL, broker); ``peak_rss_mb`` is the largest single process
-of each kind, ``peak_total_rss_mb`` the largest sum of the kind at one sample (a sum counts
-shared pages once per process: PostgreSQL's shared buffers, forked MLflow workers).
+(ingest members, workers, the fork server, flow-run processes = the workers' children
+(launchers) and the fork server's (engines), Prefect server, MLflow, PostgreSQL,
+broker); ``peak_rss_mb`` is the largest single process of each kind,
+``peak_total_rss_mb`` the largest sum of the kind at one sample (a sum counts shared
+pages once per process: PostgreSQL's shared buffers, forked MLflow workers, the
+imports an engine shares with the fork server).
 
     python benchmarks/scale.py [--minutes 3] [--tools 12] [--sensors 30] [--wafers-per-s 25]
 
@@ -286,9 +288,12 @@ class Run:
         self.result: dict[str, Any] = {}
 
     def kinds(self) -> dict[str, list[psutil.Process]]:
-        """The stack's processes by kind (a worker's children are its flow-run processes)."""
+        """The stack's processes by kind (a flow run's: its launcher, a worker's child, and its
+        engine, a child of the fork server)."""
         workers = [p for p in (self.pm.running("worker"), self.pm.running(SECOND_WORKER)) if p is not None]
-        flow_runs = [c for w in workers for c in _tree(w)[1:]]
+        forkserver = self.pm.running("forkserver")
+        engines = _tree(forkserver)[1:]
+        flow_runs = [c for w in workers for c in _tree(w)[1:]] + engines
         members = []
         for m in self.members:
             if m.poll() is None:
@@ -296,6 +301,7 @@ class Run:
         return {
             "ingest_member": members,
             "worker": workers,
+            "fork_server": [forkserver] if forkserver is not None else [],
             "flow_run": flow_runs,
             "prefect_server": self.pm.tree("prefect"),
             "mlflow": self.pm.tree("mlflow"),

@@ -32,6 +32,7 @@ import signal
 import socket
 import struct
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Sequence
@@ -69,6 +70,7 @@ PRELOAD = (
 """Modules imported before the first fork: the flows and what their bodies import."""
 
 _POLL_SECONDS = 0.1
+_PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fabloop"
 _REQUEST_TIMEOUT = 5.0
 
 
@@ -94,6 +96,31 @@ def preload(modules: Sequence[str] = PRELOAD) -> list[str]:
     return missing
 
 
+def watched_dirs() -> list[Path]:
+    """What the preloaded code comes from: fabloop's package (its folders included) and the installed libraries."""
+    return [_PACKAGE_DIR, Path(sysconfig.get_paths()["purelib"])]
+
+
+def code_fingerprint(dirs: Sequence[Path]) -> tuple[int, int]:
+    """The newest modification time and the number of Python files under ``dirs`` and of the dirs themselves.
+
+    A library installed or removed changes its parent folder; an edited module, its file.
+    """
+    newest, count = 0, 0
+    for root in dirs:
+        if not root.exists():
+            continue
+        newest = max(newest, root.stat().st_mtime_ns)
+        if root.name in ("site-packages", "dist-packages"):
+            continue  # its own modification time says a library came or went; its files are too many to stat
+        for folder, _subdirs, files in os.walk(root, followlinks=True):
+            for name in files:
+                if name.endswith(".py"):
+                    newest = max(newest, os.stat(os.path.join(folder, name)).st_mtime_ns)
+                    count += 1
+    return newest, count
+
+
 def private_socket(path: Path) -> socket.socket:
     """A listening Unix socket at ``path``, in a directory only this user can enter."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -116,9 +143,12 @@ def _same_user(conn: socket.socket) -> bool:
 class ForkServer:
     """Accepts launchers, forks one engine per request, and tells each launcher how its engine ended."""
 
-    def __init__(self, listener: socket.socket, missing: list[str]) -> None:
+    def __init__(self, listener: socket.socket, missing: list[str], watched: Sequence[Path] = ()) -> None:
         self.listener = listener
         self.missing = missing
+        self.watched = list(watched)
+        self.fingerprint = code_fingerprint(self.watched)
+        self.stale = False
         self.selector = selectors.DefaultSelector()
         self.selector.register(listener, selectors.EVENT_READ)
         self.engines: dict[int, socket.socket] = {}  # engine pid → its launcher's connection
@@ -127,8 +157,8 @@ class ForkServer:
         self.stopping = False
 
     def serve(self) -> EngineRequest | None:
-        """Serve until stopped (None); in a forked child, return that child's request instead."""
-        while not self.stopping:
+        """Serve until stopped or stale and idle (None); in a forked child, return that child's request instead."""
+        while not self.stopping and not (self.stale and not self.engines):
             for key, _ in self.selector.select(timeout=_POLL_SECONDS):
                 if key.fileobj is self.listener:
                     request = self._accept()
@@ -164,6 +194,14 @@ class ForkServer:
                 os.close(fd)
             with conn:
                 send_message(conn, {"error": f"expected {len(STREAMS)} standard streams, got {len(fds)}"})
+            return None
+        if self.stale or code_fingerprint(self.watched) != self.fingerprint:
+            # An engine forked now would run the code as it was at this server's start.
+            self.stale = True
+            for fd in fds:
+                os.close(fd)
+            with conn:
+                send_message(conn, {"cold": "fabloop's code or libraries changed since the fork server started"})
             return None
         request = EngineRequest(argv=[str(a) for a in message.get("argv", [])], cwd=str(message["cwd"]),
                                 env={str(k): str(v) for k, v in message["env"].items()}, fds=fds)
@@ -264,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", required=True, type=Path, help="where to listen (a Unix socket path)")
     parser.add_argument("--preload", action="append", metavar="MODULE",
                         help="a module to import before the first fork (repeatable; default: PRELOAD)")
+    parser.add_argument("--watch", action="append", type=Path, metavar="DIR",
+                        help="a folder whose code the engines run (repeatable; default: fabloop's and the libraries')")
     args = parser.parse_args(argv)
     modules = tuple(args.preload or PRELOAD)
     # Copy-on-write sharing survives only if the collector leaves the preloaded objects alone.
@@ -273,16 +313,21 @@ def main(argv: list[str] | None = None) -> None:
     gc.freeze()
     threads = len(os.listdir("/proc/self/task")) if Path("/proc/self/task").exists() else threading.active_count()
     listener = private_socket(args.socket)
-    server = ForkServer(listener, missing)
+    server = ForkServer(listener, missing, args.watch or watched_dirs())
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)
     print(f"fork server: {len(modules) - len(missing)} modules preloaded in {time.monotonic() - started:.1f} s "
           f"({threads} threads); listening on {args.socket}", file=sys.stderr, flush=True)
     request = server.serve()
-    if request is None:
-        args.socket.unlink(missing_ok=True)
+    if request is not None:
+        become_engine(request)
         return
-    become_engine(request)
+    listener.close()
+    args.socket.unlink(missing_ok=True)
+    if server.stale and not server.stopping:
+        # Its engines have ended: start again, same pid, importing the code as it is now.
+        print("fork server: code changed; starting again to import it", file=sys.stderr, flush=True)
+        os.execv(sys.executable, [sys.executable, "-m", "fabloop.infra.forkserver", *(argv or sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import struct
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 SOCKET_VAR = "FABLOOP_FORKSERVER_SOCKET"
 """The fork server's Unix socket, set in the worker's environment (and so in every flow run's)."""
@@ -95,8 +95,16 @@ def ping(path: str, timeout: float = 2.0) -> dict[str, Any] | None:
             return None
 
 
-def _exec_engine(args: Sequence[str]) -> None:
+def _exec_engine(args: Sequence[str]) -> NoReturn:
     os.execv(sys.executable, [sys.executable, "-m", ENGINE_MODULE, *args])
+
+
+def _start_here(sock: socket.socket, args: Sequence[str], why: str) -> NoReturn:
+    print(f"fabloop launcher: {why}; starting the engine in this process", file=sys.stderr, flush=True)
+    sock.close()
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    _exec_engine(args)
 
 
 def _exit_like(code: int) -> int:
@@ -128,7 +136,6 @@ def run(args: Sequence[str]) -> int:
     sock = connect(path) if path else None
     if sock is None:
         _exec_engine(args)
-    assert sock is not None
     engine_pid: list[int] = []
     pending: list[int] = []
 
@@ -144,13 +151,10 @@ def run(args: Sequence[str]) -> int:
         send_message(sock, {"argv": list(args), "cwd": os.getcwd(), "env": dict(os.environ)}, STREAMS)
         started, _ = recv_message(sock)
     except (OSError, ProtocolError) as exc:
-        # Nothing was forked (or the server cannot say it was): start the engine here instead.
-        print(f"fabloop launcher: fork server at {path} did not start the engine ({exc}); starting it here",
-              file=sys.stderr, flush=True)
-        sock.close()
-        for signum in FORWARDED_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        _exec_engine(args)
+        # Nothing was forked (or the server cannot say it was): the engine starts here instead.
+        _start_here(sock, args, f"fork server at {path} did not start the engine ({exc})")
+    if "cold" in started:
+        _start_here(sock, args, started["cold"])
     if "error" in started:
         print(f"fabloop launcher: fork server refused: {started['error']}", file=sys.stderr, flush=True)
         return 1

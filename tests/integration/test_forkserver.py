@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,11 +48,20 @@ class Server:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def code(tmp_path: Path) -> Path:
+    """A folder of code the test's fork server watches, as the stack's watches fabloop's."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "module.py").write_text("VALUE = 1\n")
+    return folder
+
+
+@pytest.fixture
+def server(tmp_path: Path, code: Path) -> Iterator[Server]:
     path = tmp_path / "fs" / "engine.sock"
     log = (tmp_path / "forkserver.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "fabloop.infra.forkserver", "--socket", str(path),
-                             "--preload", "prefect.engine"], stdout=log, stderr=subprocess.STDOUT)
+                             "--preload", "prefect.engine", "--watch", str(code)], stdout=log, stderr=subprocess.STDOUT)
     stopped_here = False
     try:
         wait_for("the fork server answering", lambda: ping(str(path)) is not None, timeout=60, interval=0.2)
@@ -149,3 +159,30 @@ def test_with_its_fork_server_killed_a_launcher_waits_for_its_engine_and_the_nex
     cold = _launch(["not-a-uuid"], {SOCKET_VAR: str(server.socket)})
     _, err = cold.communicate(timeout=120)
     assert cold.returncode == 1 and b"Invalid flow run id" in err, err
+
+
+def test_after_its_code_changes_the_fork_server_starts_engines_cold_then_imports_the_new_code(
+    server: Server, code: Path
+) -> None:
+    first = _launch(["not-a-uuid"], {SOCKET_VAR: str(server.socket)})
+    first.communicate(timeout=60)
+    assert server.forked() == 1
+    before = ping(str(server.socket))
+    assert before is not None
+    time.sleep(0.05)  # a modification time the fork server's start cannot share
+    (code / "module.py").write_text("VALUE = 2\n")
+    stale = _launch(["not-a-uuid"], {SOCKET_VAR: str(server.socket)})
+    _, err = stale.communicate(timeout=120)
+    assert stale.returncode == 1 and b"changed since the fork server started" in err, err
+    assert b"Invalid flow run id" in err, err  # the engine ran, in the launcher's own process
+
+    def restarted() -> bool:  # the same process, started again: nothing forked yet
+        answer = ping(str(server.socket))
+        return answer is not None and answer["forked"] == 0
+
+    wait_for("the fork server started again", restarted, timeout=60, interval=0.2)
+    assert ping(str(server.socket))["pid"] == before["pid"] == server.process.pid  # type: ignore[index]
+    again = _launch(["not-a-uuid"], {SOCKET_VAR: str(server.socket)})
+    _, err = again.communicate(timeout=60)
+    assert again.returncode == 1 and b"changed since" not in err, err
+    assert server.forked() == 1
