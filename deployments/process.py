@@ -1,4 +1,7 @@
-"""The process work pool: flow runs are subprocesses of the stack's worker, in this checkout.
+"""The process work pool: each flow run's launcher is a subprocess of the stack's worker, in this checkout.
+
+Its engine is forked by the stack's fork server, or started by the launcher itself
+(``fabloop.infra.launcher``).
 
 ``prefect.yaml`` holds the deployments themselves (entrypoints, triggers,
 schedules); this module holds what they share on this pool type, the pool and
@@ -29,7 +32,7 @@ PREFECT_YAML = PROJECT_DIR / "prefect.yaml"
 PROJECT_DIR_VAR = "FABLOOP_PROJECT_DIR"
 """Where the worker finds the code: the checkout ``deploy`` runs from."""
 PYTHON_VAR = "FABLOOP_PYTHON"
-"""The interpreter a run's engine starts with: the one ``deploy`` runs in (this checkout's venv)."""
+"""The interpreter a run's launcher starts with: the one ``deploy`` runs in (this checkout's venv)."""
 
 PULL_STEPS: list[dict[str, Any]] = [
     {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $" + PROJECT_DIR_VAR + " }}"}},

@@ -153,11 +153,8 @@ def run(args: Sequence[str]) -> int:
     except (OSError, ProtocolError) as exc:
         # Nothing was forked (or the server cannot say it was): the engine starts here instead.
         _start_here(sock, args, f"fork server at {path} did not start the engine ({exc})")
-    if "cold" in started:
-        _start_here(sock, args, started["cold"])
-    if "error" in started:
-        print(f"fabloop launcher: fork server refused: {started['error']}", file=sys.stderr, flush=True)
-        return 1
+    if "cold" in started or "error" in started:
+        _start_here(sock, args, started.get("cold") or f"fork server refused: {started['error']}")
     engine_pid.append(int(started["pid"]))
     for early in pending:
         os.kill(engine_pid[0], early)

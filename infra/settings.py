@@ -20,7 +20,7 @@ from fabloop.infra import prefect_auth
 
 DEFAULT_HOME = Path.home() / ".fabloop"
 WORK_POOL = "fabloop-process"
-WORK_POOL_TYPE = "process"  # Prefect's process worker: flow runs are subprocesses of the stack's worker
+WORK_POOL_TYPE = "process"  # Prefect's process worker: each run's launcher is its subprocess (fabloop.infra.launcher)
 
 
 class StackSettings(BaseSettings):
