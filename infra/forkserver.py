@@ -84,6 +84,14 @@ class EngineRequest:
     fds: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Engine:
+    """A forked engine's launcher connection (told the exit status) and the flow run it runs."""
+
+    launcher: socket.socket
+    flow_run_id: str
+
+
 def preload(modules: Sequence[str] = PRELOAD) -> list[str]:
     """Import ``modules``; returns those that could not be imported (named in the log, not fatal)."""
     missing = []
@@ -151,8 +159,7 @@ class ForkServer:
         self.stale = False
         self.selector = selectors.DefaultSelector()
         self.selector.register(listener, selectors.EVENT_READ)
-        self.engines: dict[int, socket.socket] = {}  # engine pid → its launcher's connection
-        self.flow_runs: dict[int, str] = {}  # engine pid → the flow run it runs
+        self.engines: dict[int, Engine] = {}  # by pid
         self.forked = 0
         self.stopping = False
 
@@ -187,7 +194,7 @@ class ForkServer:
         if message.get("ping"):
             with conn:
                 send_message(conn, {"pid": os.getpid(), "forked": self.forked, "missing": self.missing,
-                                    "engines": {str(pid): run for pid, run in self.flow_runs.items()}})
+                                    "engines": {str(pid): e.flow_run_id for pid, e in self.engines.items()}})
             return None
         if len(fds) != len(STREAMS):
             for fd in fds:
@@ -219,8 +226,7 @@ class ForkServer:
         except OSError:
             os.kill(pid, signal.SIGKILL)  # its launcher is gone already: nobody would wait for it
         self.forked += 1
-        self.engines[pid] = conn
-        self.flow_runs[pid] = request.env.get("PREFECT__FLOW_RUN_ID", "")
+        self.engines[pid] = Engine(conn, request.env.get("PREFECT__FLOW_RUN_ID", ""))
         self.selector.register(conn, selectors.EVENT_READ, pid)
         return None
 
@@ -229,24 +235,22 @@ class ForkServer:
         self.listener.close()
         conn.close()
         for other in self.engines.values():
-            other.close()
+            other.launcher.close()
         self.engines.clear()
-        self.flow_runs.clear()
 
     def _launcher_readable(self, pid: int) -> None:
         """A launcher sends nothing after its request: readable means it is gone, and its engine goes too."""
-        conn = self.engines.get(pid)
-        if conn is None:
+        engine = self.engines.get(pid)
+        if engine is None:
             return
         try:
-            data = conn.recv(1)
+            data = engine.launcher.recv(1)
         except OSError:
             data = b""
         if not data:
-            self.selector.unregister(conn)
-            conn.close()
+            self.selector.unregister(engine.launcher)
+            engine.launcher.close()
             del self.engines[pid]
-            self.flow_runs.pop(pid, None)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -263,13 +267,12 @@ class ForkServer:
                 return
             if pid == 0:
                 return
-            conn = self.engines.pop(pid, None)
-            self.flow_runs.pop(pid, None)
-            if conn is None:
+            engine = self.engines.pop(pid, None)
+            if engine is None:
                 continue
-            self.selector.unregister(conn)
-            with conn, contextlib.suppress(OSError):  # a launcher killed meanwhile has no one to tell
-                send_message(conn, {"exit": os.waitstatus_to_exitcode(status)})
+            self.selector.unregister(engine.launcher)
+            with engine.launcher, contextlib.suppress(OSError):  # a launcher killed meanwhile has no one to tell
+                send_message(engine.launcher, {"exit": os.waitstatus_to_exitcode(status)})
 
     def stop(self, *_: object) -> None:
         self.stopping = True

@@ -56,18 +56,24 @@ def recv_message(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any],
         data, fds = sock.recv(65536), []
     if not data:
         raise ProtocolError("connection closed")
-    while len(data) < _HEADER.size or len(data) < _HEADER.size + _HEADER.unpack_from(data)[0]:
-        if len(data) >= _HEADER.size and _HEADER.unpack_from(data)[0] > _MAX_MESSAGE:
-            raise ProtocolError("message too large")
-        more = sock.recv(65536)
-        if not more:
-            raise ProtocolError("connection closed mid-message")
-        data += more
+    while len(data) < _HEADER.size:
+        data += _recv_more(sock)
     (size,) = _HEADER.unpack_from(data)
+    if size > _MAX_MESSAGE:
+        raise ProtocolError("message too large")
+    while len(data) < _HEADER.size + size:
+        data += _recv_more(sock)
     payload = json.loads(data[_HEADER.size:_HEADER.size + size])
     if not isinstance(payload, dict):
         raise ProtocolError("message is not an object")
     return payload, list(fds)
+
+
+def _recv_more(sock: socket.socket) -> bytes:
+    more = sock.recv(65536)
+    if not more:
+        raise ProtocolError("connection closed mid-message")
+    return more
 
 
 def connect(path: str, timeout: float = 2.0) -> socket.socket | None:
