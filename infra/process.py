@@ -3,7 +3,10 @@
 Each component runs in its own session (so its children share a process group)
 with its output in ``<home>/logs/<name>.log`` and a pid file in
 ``<home>/run/<name>.json`` recording the pid *and* its start time: a pid that
-has since been reused by another program is never signalled.
+has since been reused by another program is never signalled. The start time that
+identifies it is counted from boot, not read off the wall clock: when the clock is
+set (NTP stepping a VM's clock, say), every epoch start time psutil reports moves
+with it, and a stack whose processes all still run would look gone.
 """
 
 from __future__ import annotations
@@ -48,24 +51,50 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def started_since_boot(pid: int) -> float | None:
+    """When ``pid`` started, in seconds since boot (Linux's ``/proc/<pid>/stat``), or None.
+
+    Unlike ``psutil.Process.create_time()`` (boot time + this, in epoch seconds) it
+    never moves when the system clock is set.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses; starttime is field 22
+    return int(stat.rsplit(b")", 1)[1].split()[19]) / _CLOCK_TICKS
+
+
 @dataclass(frozen=True)
 class PidRecord:
     name: str
     pid: int
-    create_time: float
+    create_time: float  # epoch seconds, for people and for systems without /proc
     cmd: list[str]
+    since_boot: float | None = None
 
     def process(self) -> psutil.Process | None:
-        """The live process this record names, or None if it is gone or reused."""
+        """The live process this record names, or None if it is gone or its pid reused."""
         try:
             proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > 0.01:
+            if not self._same_start(proc):
                 return None
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
             return proc
         except psutil.NoSuchProcess:
             return None
+
+    def _same_start(self, proc: psutil.Process) -> bool:
+        since_boot = started_since_boot(proc.pid)
+        if self.since_boot is not None and since_boot is not None:
+            return abs(since_boot - self.since_boot) < 1.5 / _CLOCK_TICKS
+        # no /proc, or a record written before since_boot: the epoch start time, which a
+        # clock step moves (the old records' exact match turns into a second's slack)
+        return abs(proc.create_time() - self.create_time) < 1.0
 
 
 class ProcessManager:
@@ -107,7 +136,8 @@ class ProcessManager:
             start_new_session=True,
         )
         log.close()
-        rec = PidRecord(name=name, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(), cmd=cmd)
+        started = psutil.Process(proc.pid).create_time()
+        rec = PidRecord(name=name, pid=proc.pid, create_time=started, cmd=cmd, since_boot=started_since_boot(proc.pid))
         self.pidfile(name).write_text(json.dumps(rec.__dict__))
         return rec
 
