@@ -148,6 +148,18 @@ def _same_user(conn: socket.socket) -> bool:
     return uid == os.getuid()
 
 
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _refuse(conn: socket.socket, fds: Sequence[int], answer: dict[str, str]) -> None:
+    """Fork nothing: let the passed streams go and tell the launcher why (it starts the engine itself)."""
+    _close_all(fds)
+    with conn:
+        send_message(conn, answer)
+
+
 class ForkServer:
     """Accepts launchers, forks one engine per request, and tells each launcher how its engine ended."""
 
@@ -197,18 +209,12 @@ class ForkServer:
                                     "engines": {str(pid): e.flow_run_id for pid, e in self.engines.items()}})
             return None
         if len(fds) != len(STREAMS):
-            for fd in fds:
-                os.close(fd)
-            with conn:
-                send_message(conn, {"error": f"expected {len(STREAMS)} standard streams, got {len(fds)}"})
+            _refuse(conn, fds, {"error": f"expected {len(STREAMS)} standard streams, got {len(fds)}"})
             return None
         if self.stale or code_fingerprint(self.watched) != self.fingerprint:
             # An engine forked now would run the code as it was at this server's start.
             self.stale = True
-            for fd in fds:
-                os.close(fd)
-            with conn:
-                send_message(conn, {"cold": "fabloop's code or libraries changed since the fork server started"})
+            _refuse(conn, fds, {"cold": "fabloop's code or libraries changed since the fork server started"})
             return None
         request = EngineRequest(argv=[str(a) for a in message.get("argv", [])], cwd=str(message["cwd"]),
                                 env={str(k): str(v) for k, v in message["env"].items()}, fds=fds)
@@ -218,8 +224,7 @@ class ForkServer:
         if pid == 0:
             self._close_in_child(conn)
             return request
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)  # the child has them now
         conn.settimeout(None)
         try:
             send_message(conn, {"pid": pid})
