@@ -9,13 +9,16 @@ model's champion explained by its recorded decisions.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import signal
 import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.helpers.faults import outage
@@ -28,6 +31,7 @@ from tests.helpers.promotion import (
     record_intent,
     register,
     resume,
+    run_process,
     save_policy,
     tiny_model_uris,
     unique_model,
@@ -231,5 +235,42 @@ def test_worker_killed_while_a_promotion_waits(stack: RunningStack, policy: str,
     crashed = [r for r in api(stack, "POST", "/flow_runs/filter", {
         "flow_runs": {"tags": {"all_": ["fabloop.promotion", f"model:{model}"]}}}) if r["state_type"] == "CRASHED"]
     assert crashed == []
+    assert alias(stack, model, "previous") == v1
+    _assert_explained(stack, model, v2)
+
+
+def test_a_promotion_terminated_as_it_suspends_still_waits_once_for_its_decision(
+    stack: RunningStack, policy: str, launcher: PromotionLauncher
+) -> None:
+    """SIGTERM reaches the run's process the moment the run is Suspended (its host shutting down).
+
+    The engine is still leaving then, and Prefect 3.8 keeps only a *final* state against a
+    SIGTERM in its teardown: the Suspended run may be marked Crashed ("aborted by a
+    termination signal"). The deployment's trigger then puts the challenger before the
+    engineer again, as a new run. Either way one promotion of the version waits, and the
+    approval is acted on once.
+    """
+    model, (v1, v2) = _model(stack, "terminated-suspending")
+    run = launcher.start(model, v2, policy)
+    suspended = wait_paused(stack, run, timeout=120, interval=0.05)
+    with contextlib.suppress(psutil.NoSuchProcess):  # already gone: the run was left Suspended
+        proc = psutil.Process(run_process(suspended))
+        if proc.environ().get("PREFECT__FLOW_RUN_ID") == run.flow_run_id:  # never a reused pid
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    time.sleep(3)  # a worker that saw its process end by a signal has reported it by now
+    first = flow_run(stack, run.flow_run_id)
+    assert first["state_type"] in ("PAUSED", "CRASHED"), first["state"]
+    if first["state_type"] == "CRASHED":  # by the engine, or by the worker for its process's exit
+        message = first["state"]["message"] or ""
+        assert "termination signal" in message or "SIGTERM" in message, first["state"]
+    waiting = paused_run(stack, model, v2, timeout=120)
+    assert (waiting["id"] == run.flow_run_id) == (first["state_type"] == "PAUSED"), (first["state"], waiting["id"])
+    out = fabloop("approve", model, "--version", v2, "--as", "Alice", "--wait", "240", env=stack.env)
+    assert f"{model} version {v2}: Approved" in out.stdout, out.stdout
+    [decision] = approvals(stack, model)[1:]  # after the setup's own decision
+    assert (decision.decision, decision.approver, decision.version, decision.flow_run_id) == (
+        "approved", "Alice", v2, waiting["id"])
+    assert "no pending promotion" in fabloop("approvals", model, env=stack.env).stdout
     assert alias(stack, model, "previous") == v1
     _assert_explained(stack, model, v2)

@@ -146,8 +146,17 @@ def _runs(stack: RunningStack, model: str) -> list[dict[str, Any]]:
     return prefect_api.api(stack, "POST", "/flow_runs/filter", body)
 
 
+def run_process(run: dict[str, Any]) -> int:
+    """The process the worker last started for ``run`` (Prefect records it as its infrastructure pid)."""
+    raw = str(run.get("infrastructure_pid") or "")
+    digits = raw.rsplit(":", 1)[-1]
+    assert digits.isdigit(), f"the run names no process: {raw!r}"
+    return int(digits)
+
+
 def wait_paused(
-    stack: RunningStack, run: PromotionRun, timeout: float = 90, after_state: str | None = None
+    stack: RunningStack, run: PromotionRun, timeout: float = 90, after_state: str | None = None,
+    interval: float = 0.3,
 ) -> dict[str, Any]:
     """Block until ``run`` is suspended (in a new suspension if ``after_state`` names the previous one).
 
@@ -164,7 +173,7 @@ def wait_paused(
             return fr
         if state.get("type") in FINAL:
             raise AssertionError(f"promote ended before suspending: {state}\n{run.output()}")
-        time.sleep(0.3)
+        time.sleep(interval)
     raise AssertionError(f"promote did not suspend within {timeout}s:\n{run.output()}")
 
 

@@ -31,6 +31,7 @@ from tests.helpers.promotion import (
     events,
     register,
     resume,
+    run_process,
     save_policy,
     tiny_model_uris,
     unique_model,
@@ -51,14 +52,6 @@ def _model(stack: RunningStack, prefix: str) -> tuple[str, str, str]:
     return model, v1, v2
 
 
-def _pid(run: dict[str, Any]) -> int:
-    """The process the worker last started for the run (Prefect records it as its infrastructure pid)."""
-    raw = str(run.get("infrastructure_pid") or "")
-    digits = raw.rsplit(":", 1)[-1]
-    assert digits.isdigit(), f"the run names no process: {raw!r}"
-    return int(digits)
-
-
 def _runs_it(proc: psutil.Process, flow_run_id: str) -> bool:
     try:
         return proc.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id
@@ -69,7 +62,7 @@ def _runs_it(proc: psutil.Process, flow_run_id: str) -> bool:
 def assert_no_process_holds(stack: RunningStack, flow_run_id: str, timeout: float = 30) -> None:
     """The run's last process has exited, and no process of the worker runs it."""
     run = flow_run(stack, flow_run_id)
-    pid = _pid(run)
+    pid = run_process(run)
     deadline = time.monotonic() + timeout
     while psutil.pid_exists(pid) and _runs_it(psutil.Process(pid), flow_run_id):
         assert time.monotonic() < deadline, f"process {pid} still runs the suspended flow run {flow_run_id}"
@@ -80,6 +73,12 @@ def assert_no_process_holds(stack: RunningStack, flow_run_id: str, timeout: floa
     assert holding == [], f"worker processes {holding} run the suspended flow run {flow_run_id}"
     now = flow_run(stack, flow_run_id)
     assert (now["state_type"], now["state_name"]) == ("PAUSED", "Suspended"), now["state"]
+
+
+def _state_and_tags(stack: RunningStack, flow_run_id: str) -> str:
+    run = flow_run(stack, flow_run_id)
+    state = run["state"] or {}
+    return f"{state.get('type')}/{state.get('name')} ({state.get('message')!r}), tags {run['tags']}"
 
 
 def _timeout_runs(stack: RunningStack, flow_run_id: str, since: datetime) -> list[dict[str, Any]]:
@@ -94,7 +93,7 @@ def test_a_waiting_promotion_holds_no_process_and_is_decided_after_worker_and_se
     policy = save_policy(unique_model("policy"), ["Alice"], timeout_seconds=900)
     run = launcher.start(model, v2, policy)
     suspended = wait_paused(stack, run, timeout=120)
-    first_pid = _pid(suspended)
+    first_pid = run_process(suspended)
     assert_no_process_holds(stack, run.flow_run_id)
     assert suspended["parent_task_run_id"] is None  # a top-level run: Prefect suspends no subflow
     deadline = decide_by(suspended["tags"])
@@ -121,7 +120,7 @@ def test_a_waiting_promotion_holds_no_process_and_is_decided_after_worker_and_se
     state = wait_completed(stack, run)
     assert (state["type"], state["name"]) == ("COMPLETED", "Approved")
     after = flow_run(stack, run.flow_run_id)
-    assert _pid(after) != first_pid  # acted on by a new process of the same run
+    assert run_process(after) != first_pid  # acted on by a new process of the same run
     assert (alias(stack, model, "champion"), alias(stack, model, "previous")) == (v2, v1)
     [rec] = approvals(stack, model)
     assert (rec.decision, rec.approver, rec.version, rec.flow_run_id) == ("approved", "Alice", v2, run.flow_run_id)
@@ -174,6 +173,9 @@ def test_a_decision_the_server_takes_after_the_deadline_is_recorded_as_ignored(
     suspended = wait_paused(stack, run, timeout=120)
     deadline = decide_by(suspended["tags"])
     assert deadline is not None
+    # Waiting, as nothing: the process that suspended it has exited (a SIGTERM in its last
+    # fraction of a second is another case: tests/faults/test_decision_races.py).
+    assert_no_process_holds(stack, run.flow_run_id)
     with outage(stack, "worker"):
         assert datetime.now(UTC) < deadline - timedelta(seconds=5), "the run suspended too close to its deadline"
         # Past the deadline by the clock the CLI reads too (a loop: one sleep may end early).
@@ -182,7 +184,7 @@ def test_a_decision_the_server_takes_after_the_deadline_is_recorded_as_ignored(
         sent_at = datetime.now(UTC)
         late = fabloop("approve", model, "--version", v2, "--as", "Alice", "--wait", "0", env=stack.env, check=False)
         assert late.returncode == 1 and "too late" in late.stdout, (
-            f"deadline {deadline}, CLI started {sent_at}, tags now {flow_run(stack, run.flow_run_id)['tags']}\n"
+            f"deadline {deadline}, CLI started {sent_at}, run now {_state_and_tags(stack, run.flow_run_id)}\n"
             f"{late.stdout}")
         # What the UI's Resume form posts: the server takes it (no Prefect timeout), the flow does not act on it.
         assert resume(stack, run.flow_run_id, {"decision": "approve", "approver": "Alice", "comment": "late"})[
