@@ -205,9 +205,11 @@ def components(ep: StackEndpoints) -> list[Component]:
         ),
         Component(
             # Flow runs' engines, forked with their imports done; started beside the servers
-            # (its imports take as long as theirs) and stopped after the worker.
+            # (its imports take as long as theirs) and stopped after the worker. On a fresh
+            # install its first preload also writes the bytecode of every library the flows
+            # import, beside the servers doing the same: it gets twice their time.
             "forkserver", str(forkserver_socket(ep)), True, _forkserver_cmd, prefect_env, _forkserver_healthy,
-            port=None,
+            port=None, start_timeout=180,
         ),
         Component(
             "worker", f"work pool {ep.work_pool}", True, _worker_cmd, _worker_env, _worker_healthy, port=None,
