@@ -205,9 +205,9 @@ def components(ep: StackEndpoints) -> list[Component]:
         ),
         Component(
             # Flow runs' engines, forked with their imports done; started beside the servers
-            # (its imports take as long as theirs) and stopped after the worker. On a fresh
-            # install its first preload also writes the bytecode of every library the flows
-            # import, beside the servers doing the same: it gets twice their time.
+            # (its imports take as long as theirs) and stopped after the worker. Where no
+            # bytecode was compiled at install (PYTHONDONTWRITEBYTECODE=1 and an install
+            # without it), it compiles every library the flows import: twice their time.
             "forkserver", str(forkserver_socket(ep)), True, _forkserver_cmd, prefect_env, _forkserver_healthy,
             port=None, start_timeout=180,
         ),

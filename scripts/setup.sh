@@ -28,6 +28,6 @@ fi
 # scripts/lock.sh), only faster than pip.
 .venv/bin/python -m pip install -q --disable-pip-version-check "uv==0.13.9" 2>/dev/null \
   || .venv/bin/python -m pip install -q --disable-pip-version-check uv
-.venv/bin/uv pip install -q --python .venv/bin/python -r "$lock"
+.venv/bin/uv pip install -q --python .venv/bin/python --compile-bytecode -r "$lock"
 .venv/bin/uv pip install -q --python .venv/bin/python --no-deps -e .
 echo "setup: .venv ready, $profile ($(.venv/bin/python --version), prefect $(.venv/bin/python -c 'import prefect; print(prefect.__version__)'))"
