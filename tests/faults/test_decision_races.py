@@ -32,6 +32,7 @@ from tests.helpers.promotion import (
     register,
     resume,
     run_process,
+    runs_flow_run,
     save_policy,
     tiny_model_uris,
     unique_model,
@@ -255,7 +256,7 @@ def test_a_promotion_terminated_as_it_suspends_still_waits_once_for_its_decision
     suspended = wait_paused(stack, run, timeout=120, interval=0.05)
     with contextlib.suppress(psutil.NoSuchProcess):  # already gone: the run was left Suspended
         proc = psutil.Process(run_process(suspended))
-        if proc.environ().get("PREFECT__FLOW_RUN_ID") == run.flow_run_id:  # never a reused pid
+        if runs_flow_run(proc, run.flow_run_id):
             proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     time.sleep(3)  # a worker that saw its process end by a signal has reported it by now

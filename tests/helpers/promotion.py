@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
+import psutil
+
 from tests.helpers import prefect_api
 from tests.helpers.prefect_api import FINAL, wait_final
 from tests.helpers.stack import RunningStack
@@ -152,6 +154,14 @@ def run_process(run: dict[str, Any]) -> int:
     digits = raw.rsplit(":", 1)[-1]
     assert digits.isdigit(), f"the run names no process: {raw!r}"
     return int(digits)
+
+
+def runs_flow_run(proc: psutil.Process, flow_run_id: str) -> bool:
+    """Whether ``proc`` (still) runs ``flow_run_id``: never a pid since reused by another process."""
+    try:
+        return proc.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
 
 
 def wait_paused(

@@ -32,6 +32,7 @@ from tests.helpers.promotion import (
     register,
     resume,
     run_process,
+    runs_flow_run,
     save_policy,
     tiny_model_uris,
     unique_model,
@@ -52,24 +53,17 @@ def _model(stack: RunningStack, prefix: str) -> tuple[str, str, str]:
     return model, v1, v2
 
 
-def _runs_it(proc: psutil.Process, flow_run_id: str) -> bool:
-    try:
-        return proc.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-
-
 def assert_no_process_holds(stack: RunningStack, flow_run_id: str, timeout: float = 30) -> None:
     """The run's last process has exited, and no process of the worker runs it."""
     run = flow_run(stack, flow_run_id)
     pid = run_process(run)
     deadline = time.monotonic() + timeout
-    while psutil.pid_exists(pid) and _runs_it(psutil.Process(pid), flow_run_id):
+    while psutil.pid_exists(pid) and runs_flow_run(psutil.Process(pid), flow_run_id):
         assert time.monotonic() < deadline, f"process {pid} still runs the suspended flow run {flow_run_id}"
         time.sleep(0.3)
     worker = ProcessManager(stack.ep.home).tree("worker")
     assert worker, "the stack's worker is not running"
-    holding = [p.pid for p in worker if _runs_it(p, flow_run_id)]
+    holding = [p.pid for p in worker if runs_flow_run(p, flow_run_id)]
     assert holding == [], f"worker processes {holding} run the suspended flow run {flow_run_id}"
     now = flow_run(stack, flow_run_id)
     assert (now["state_type"], now["state_name"]) == ("PAUSED", "Suspended"), now["state"]
