@@ -41,6 +41,10 @@ CHROMIUM_ARGS = [
     "--disable-sync", "--no-first-run",
 ]
 SCREENSHOT = Path(tempfile.gettempdir()) / "fabloop-approval-dialog.png"
+# How long the UI may take to answer, for locators and assertions alike. Playwright's
+# assertions wait 5 s by default; on a loaded 2-core machine the form's Submit alone
+# took over 4 s to reach the server and close the dialog. How fast is not asserted here.
+UI_TIMEOUT_MS = 30_000
 
 
 def _choose(page: Any, dialog: Any, label: str, option: str) -> None:
@@ -73,27 +77,29 @@ def test_approve_from_the_prefect_ui(stack: RunningStack, launcher: PromotionLau
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(30_000)
+            page.set_default_timeout(UI_TIMEOUT_MS)
             page.goto(f"{stack.ep.prefect_ui_url}/runs/flow-run/{run.flow_run_id}")
             page.get_by_role("button", name="Resume").first.click()
             dialog = page.get_by_role("dialog")
-            expect(dialog).to_contain_text(f"Promote {model} version {v2} to champion?")
+            expect(dialog).to_contain_text(f"Promote {model} version {v2} to champion?", timeout=UI_TIMEOUT_MS)
             table = dialog.get_by_role("table")
-            expect(table).to_contain_text(f"champion v{v1}")
-            expect(table.get_by_role("row").filter(has_text="roc_auc")).to_contain_text("+0.0494")
+            expect(table).to_contain_text(f"champion v{v1}", timeout=UI_TIMEOUT_MS)
+            roc_auc = table.get_by_role("row").filter(has_text="roc_auc")
+            expect(roc_auc).to_contain_text("+0.0494", timeout=UI_TIMEOUT_MS)
             page.screenshot(path=str(SCREENSHOT))
 
             # Reject without a comment: the server refuses, the UI says why, the run keeps waiting.
             _choose(page, dialog, "Decision", "reject")
             _field(page, dialog, "Approver").locator("textarea").fill("Dana Kim")
             dialog.get_by_role("button", name="Submit").click()
-            expect(page.get_by_text(re.compile("Validation failed for field 'comment'")).first).to_be_visible()
+            refusal = page.get_by_text(re.compile("Validation failed for field 'comment'")).first
+            expect(refusal).to_be_visible(timeout=UI_TIMEOUT_MS)
             assert flow_run(stack, run.flow_run_id)["state"]["id"] == paused["state"]["id"]
 
             _choose(page, dialog, "Decision", "approve")
             _field(page, dialog, "Comment").locator("textarea").fill("holdout recall +5 points, checked lot 7")
             dialog.get_by_role("button", name="Submit").click()
-            expect(dialog).to_be_hidden()
+            expect(dialog).to_be_hidden(timeout=UI_TIMEOUT_MS)
         finally:
             browser.close()
 

@@ -64,7 +64,12 @@ def start_stack(home: Path, partitions: int = 3, auth: bool = False) -> RunningS
         "--kafka-port", str(free_port()), "--partitions", str(partitions), *(["--auth"] if auth else []),
     ]
     t0 = time.monotonic()
-    out = fabloop(*args, env=env, timeout=240)
+    try:
+        out = fabloop(*args, env=env, timeout=240)
+    except (AssertionError, subprocess.TimeoutExpired):
+        # What did start must not outlive the session (its logs stay in the home).
+        fabloop("down", env=env, timeout=120, check=False)
+        raise
     elapsed = time.monotonic() - t0
     ep = StackEndpoints.load(home)
     # MLflow's clients in the tests (and what they start) work as the stack's service account.
