@@ -21,10 +21,12 @@ RUN python -m pip install "uv==0.13.9" \
 WORKDIR /src
 # The lock alone first: the dependency layer is rebuilt only when the lock changes.
 COPY requirements.lock ./
-RUN uv pip install --python /opt/venv/bin/python --no-deps --requirement requirements.lock
+# Compiled at install: the runtime sets PYTHONDONTWRITEBYTECODE and its user cannot write
+# /opt/venv, so bytecode not written here would be compiled again by every flow run.
+RUN uv pip install --python /opt/venv/bin/python --compile-bytecode --no-deps --requirement requirements.lock
 COPY . .
 # fabloop itself, then a check that fails the build if a test tool slipped into the runtime lock.
-RUN uv pip install --python /opt/venv/bin/python --no-deps . \
+RUN uv pip install --python /opt/venv/bin/python --compile-bytecode --no-deps . \
  && /opt/venv/bin/python -m pip check \
  && /opt/venv/bin/python -c "import importlib.metadata as m, sys; \
 test = {'pytest', 'playwright', 'ruff', 'mypy', 'import-linter'}; \
@@ -45,6 +47,8 @@ COPY --from=build /opt/venv /opt/venv
 # The project tree from the build context (flows/ holds the deployments' entrypoints),
 # owned by root: the run's user reads it and writes only under its home.
 COPY . /app
+# A flow run imports fabloop from /app (its working directory comes first on sys.path): compiled too.
+RUN /opt/venv/bin/python -m compileall -q /app/fabloop
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

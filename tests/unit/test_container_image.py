@@ -82,6 +82,14 @@ def violations(text: str) -> list[str]:
         found.append(f"no RUN installs {RUNTIME_LOCK} with --no-deps (exactly the locked set)")
     if not any(re.search(r"--no-deps.*\s\.$", c) for c in installs):
         found.append("fabloop is not installed with --no-deps after the locked dependencies")
+    # The runtime user cannot write bytecode (PYTHONDONTWRITEBYTECODE, a root-owned venv):
+    # without it compiled in the image, every flow run compiles its imports from source.
+    venv_installs = [c for c in installs if re.search(lock, c) or re.search(r"\s\.$", c)]
+    uncompiled = [c for c in venv_installs if "--compile-bytecode" not in c]
+    if uncompiled:
+        found.append(f"installs without --compile-bytecode: {uncompiled}")
+    if not any(re.search(rf"compileall\b.*\s{re.escape(IMAGE_WORKDIR)}(/\S*)?$", c) for c in commands):
+        found.append(f"the code at {IMAGE_WORKDIR} is not compiled (python -m compileall)")
     if not any(s.keyword == "COPY" and RUNTIME_LOCK in s.args.split() for s in steps):
         found.append(f"{RUNTIME_LOCK} is not copied in")
     everything = " ".join(s.args for s in steps)
@@ -114,7 +122,7 @@ def test_the_checker_finds_each_broken_invariant() -> None:
     found = "\n".join(violations(BAD))
     for expected in ("not multi-stage", "not Python 3.11 slim", "runs as root", "no RUN installs requirements.lock",
                      "not installed with --no-deps", "requirements.lock is not copied", "requirements-test.lock",
-                     "'-e'", "final WORKDIR"):
+                     "'-e'", "final WORKDIR", "without --compile-bytecode", "/app is not compiled"):
         assert expected in found, f"{expected!r} not reported in:\n{found}"
     fine = DOCKERFILE.read_text()
     assert "runs as root" in "\n".join(violations(fine + "\nUSER 0\n"))
