@@ -156,9 +156,14 @@ def run_process(run: dict[str, Any]) -> int:
     return int(digits)
 
 
-def runs_flow_run(proc: psutil.Process, flow_run_id: str) -> bool:
-    """Whether ``proc`` (still) runs ``flow_run_id``: never a pid since reused by another process."""
+def runs_flow_run(proc: psutil.Process | int, flow_run_id: str) -> bool:
+    """Whether ``proc`` (a process or a pid) still runs ``flow_run_id``: never a pid since reused.
+
+    A process that has exited (or exits while it is read) runs nothing.
+    """
     try:
+        if isinstance(proc, int):
+            proc = psutil.Process(proc)
         return proc.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False

@@ -16,7 +16,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psutil
 import pytest
 
 from fabloop.core.approval import decide_by
@@ -58,7 +57,7 @@ def assert_no_process_holds(stack: RunningStack, flow_run_id: str, timeout: floa
     run = flow_run(stack, flow_run_id)
     pid = run_process(run)
     deadline = time.monotonic() + timeout
-    while psutil.pid_exists(pid) and runs_flow_run(psutil.Process(pid), flow_run_id):
+    while runs_flow_run(pid, flow_run_id):
         assert time.monotonic() < deadline, f"process {pid} still runs the suspended flow run {flow_run_id}"
         time.sleep(0.3)
     worker = ProcessManager(stack.ep.home).tree("worker")
