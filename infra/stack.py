@@ -9,6 +9,7 @@ in the settings are used as they are and never started or stopped.
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import os
 import shutil
@@ -57,7 +58,11 @@ class Component:
     env: Callable[[StackEndpoints], dict[str, str]]
     healthy: Callable[[StackEndpoints], bool]
     port: int | None = None
-    start_timeout: float = 90.0
+    # How long `up` waits for health before it calls a start failed. A process that
+    # exits fails at once; this bounds one that runs but does not answer yet. The
+    # Python servers need 15-30 s of CPU each to start (imports, migrations): on a
+    # loaded 2-core machine, Prefect has needed more than 90 s.
+    start_timeout: float = 180.0
 
 
 def broker_command(host: str, port: int) -> list[str]:
@@ -166,8 +171,19 @@ def _worker_env(ep: StackEndpoints) -> dict[str, str]:
             launcher.SOCKET_VAR: str(forkserver_socket(ep))}
 
 
+@functools.cache
+def _probe() -> httpx.Client:
+    """One HTTP client for every health probe of this process (httpx clients are thread-safe).
+
+    ``up`` probes each server four times a second while it starts; a client per probe
+    builds an SSL context (reading the CA bundle) each time, and that CPU was taken from
+    the very servers ``up`` waits for.
+    """
+    return httpx.Client(timeout=2.0)
+
+
 def _http_ok(url: str, auth: tuple[str, str] | None = None) -> bool:
-    return httpx.get(url, timeout=2.0, auth=auth).status_code == 200
+    return _probe().get(url, auth=auth).status_code == 200
 
 
 def _prefect_auth(ep: StackEndpoints) -> tuple[str, str] | None:
@@ -175,8 +191,8 @@ def _prefect_auth(ep: StackEndpoints) -> tuple[str, str] | None:
 
 
 def _worker_healthy(ep: StackEndpoints) -> bool:
-    resp = httpx.post(f"{ep.prefect_api_url}/work_pools/{ep.work_pool}/workers/filter", json={}, timeout=2.0,
-                      auth=_prefect_auth(ep))
+    resp = _probe().request("POST", f"{ep.prefect_api_url}/work_pools/{ep.work_pool}/workers/filter", json={},
+                            auth=_prefect_auth(ep))
     return resp.status_code == 200 and any(w.get("status") == "ONLINE" for w in resp.json())
 
 
@@ -209,7 +225,7 @@ def components(ep: StackEndpoints) -> list[Component]:
             # bytecode was compiled at install (PYTHONDONTWRITEBYTECODE=1 and an install
             # without it), it compiles every library the flows import: twice their time.
             "forkserver", str(forkserver_socket(ep)), True, _forkserver_cmd, prefect_env, _forkserver_healthy,
-            port=None, start_timeout=180,
+            port=None,
         ),
         Component(
             "worker", f"work pool {ep.work_pool}", True, _worker_cmd, _worker_env, _worker_healthy, port=None,
