@@ -36,11 +36,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path.is_relative_to(mainjob.E2E_DIR))  # stable: the order stays otherwise
 
 
+# Set when the main job waits for the session's stack to be up before it starts its own.
+_MAINJOB_AFTER_STACK: list[bool] = []
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the main job on its own stack as soon as its tests are selected (tests.helpers.mainjob)."""
+    """Start the main job on its own stack as soon as its tests are selected (tests.helpers.mainjob).
+
+    If the session also starts its own stack, the job starts once that stack is up: two
+    ``fabloop up`` at the same moment double the start's CPU on a 2-core machine, and
+    on a slow one neither stack came up within its limits.
+    """
     if session.config.option.collectonly:
         return
-    if any(item.path.is_relative_to(mainjob.E2E_DIR) for item in session.items):
+    if not any(item.path.is_relative_to(mainjob.E2E_DIR) for item in session.items):
+        return
+    if any("stack" in item.fixturenames for item in session.items if not item.path.is_relative_to(mainjob.E2E_DIR)):
+        _MAINJOB_AFTER_STACK.append(True)
+    else:
         mainjob.start()
 
 
@@ -54,7 +67,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     home = tmp_path_factory.mktemp("fabloop-home")
-    running = start_stack(home)
+    try:
+        running = start_stack(home)
+    finally:
+        if _MAINJOB_AFTER_STACK:
+            mainjob.start()  # up or not, the main job's tests must have their job
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     from fabloop.infra.settings import CLIENT_MAX_RETRIES

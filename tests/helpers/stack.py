@@ -65,7 +65,7 @@ def start_stack(home: Path, partitions: int = 3, auth: bool = False) -> RunningS
     ]
     t0 = time.monotonic()
     try:
-        out = fabloop(*args, env=env, timeout=240)
+        out = fabloop(*args, env=env, timeout=600)  # `up` reports its own timeouts before this
     except (AssertionError, subprocess.TimeoutExpired):
         # What did start must not outlive the session (its logs stay in the home).
         fabloop("down", env=env, timeout=120, check=False)
