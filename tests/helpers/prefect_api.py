@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import datetime
 from typing import Any
@@ -20,9 +21,16 @@ def api(stack: RunningStack, method: str, path: str, body: dict[str, Any] | None
     write; like every Prefect client of the stack, the tests retry that
     (``PREFECT_CLIENT_MAX_RETRIES``, with back-off) instead of failing on it.
     """
-    with PrefectHttpxSyncClient(base_url=stack.ep.prefect_api_url, timeout=20, auth=stack.prefect_auth) as client:
-        resp = client.request(method, path, json=body)
+    resp = _client(stack.ep.prefect_api_url, stack.prefect_auth).request(method, path, json=body)
     return resp.json() if resp.content else None
+
+
+@functools.lru_cache(maxsize=8)
+def _client(base_url: str, auth: tuple[str, str] | None) -> PrefectHttpxSyncClient:
+    """One client per stack for the whole session: each new client builds an SSL context
+    (reading the CA bundle), and tests that poll a state several times a second would
+    spend much of a core on that beside the stack they test."""
+    return PrefectHttpxSyncClient(base_url=base_url, timeout=20, auth=auth)
 
 
 def flow_run(stack: RunningStack, flow_run_id: str) -> dict[str, Any]:
