@@ -60,8 +60,8 @@ class Component:
     port: int | None = None
     # How long `up` waits for health before it calls a start failed. A process that
     # exits fails at once; this bounds one that runs but does not answer yet. The
-    # Python servers need 15-30 s of CPU each to start (imports, migrations): on a
-    # loaded 2-core machine, Prefect has needed more than 90 s.
+    # Python servers spend many seconds of CPU starting (imports, migrations): on a
+    # loaded 2-core machine, Prefect has needed more than the former 90 s.
     start_timeout: float = 180.0
 
 
