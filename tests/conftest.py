@@ -36,8 +36,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path.is_relative_to(mainjob.E2E_DIR))  # stable: the order stays otherwise
 
 
-# Set when the main job waits for the session's stack to be up before it starts its own.
-_MAINJOB_AFTER_STACK: list[bool] = []
+# True when the main job waits for the session's stack to be up before it starts its own.
+MAINJOB_AFTER_STACK = pytest.StashKey[bool]()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -51,9 +51,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if not any(item.path.is_relative_to(mainjob.E2E_DIR) for item in session.items):
         return
-    if any("stack" in item.fixturenames for item in session.items if not item.path.is_relative_to(mainjob.E2E_DIR)):
-        _MAINJOB_AFTER_STACK.append(True)
-    else:
+    after_stack = any("stack" in item.fixturenames for item in session.items
+                      if not item.path.is_relative_to(mainjob.E2E_DIR))
+    session.config.stash[MAINJOB_AFTER_STACK] = after_stack
+    if not after_stack:
         mainjob.start()
 
 
@@ -65,12 +66,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[RunningStack]:
     home = tmp_path_factory.mktemp("fabloop-home")
     try:
         running = start_stack(home)
     finally:
-        if _MAINJOB_AFTER_STACK:
+        if pytestconfig.stash.get(MAINJOB_AFTER_STACK, False):
             mainjob.start()  # up or not, the main job's tests must have their job
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
